@@ -1,0 +1,34 @@
+"""sam_optax: sharpness-aware minimization as composable Optax transformations.
+
+Every method is an ``optax.GradientTransformationExtraArgs`` that wraps a loss
+function and is chained before a base optimizer::
+
+  tx = optax.chain(sam_optax.sam(rho=0.05, loss_fn=loss_fn), optax.sgd(lr, momentum=0.9))
+  updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
+"""
+
+from sam_optax import losses
+from sam_optax._ascent import SAMState
+from sam_optax.asam import asam, not_a_bias
+from sam_optax.bsam import bsam
+from sam_optax.csam import csam
+from sam_optax.gsam import gsam
+from sam_optax.sam import sam, usam
+from sam_optax.schedules import rho_schedule_from_lr
+from sam_optax.stable import stable_sam
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAMState",
+    "asam",
+    "bsam",
+    "csam",
+    "gsam",
+    "losses",
+    "not_a_bias",
+    "rho_schedule_from_lr",
+    "sam",
+    "stable_sam",
+    "usam",
+]

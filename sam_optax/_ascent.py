@@ -1,0 +1,409 @@
+"""The one shared mechanism of the SAM family.
+
+Every method of the library is "SAM with a difference": it takes the gradient
+``g = ∇L(w)`` that the training step already computed, moves to one or more
+nearby points ``w + ε``, re-evaluates the gradient there with ``jax.grad`` of
+the user's loss, and combines the results into a surrogate gradient for the
+base optimizer. This module holds the pieces they share, written once:
+
+* radius handling: a float or an optax schedule of the step count, validated
+  at construction (:func:`check_radius`, :func:`radius_at`);
+* float32 tree arithmetic: the global norm and inner product accumulated in
+  float32 whatever the parameter dtype (:func:`global_norm`, :func:`vdot`);
+* the ascent point ``w + s·d`` computed in float32 and cast back to the
+  parameter dtype (:func:`ascent_point`);
+* re-evaluation of the loss with the extra arguments of ``update``, with clear
+  errors for a missing loss, a non-scalar loss or an unknown keyword
+  (:func:`make_gradient_fn`);
+* the renormalization ``(‖g‖ / (‖g̃‖ + δ)) · g̃`` (:func:`rescale_to_norm`);
+* the transformation skeleton (:func:`surrogate_transformation`) that turns a
+  method's ``compute`` rule into an ``optax.GradientTransformationExtraArgs``
+  with a :class:`SAMState`, averaging the result across ``axis_name`` exactly
+  once (m-sharpness: every device perturbs with its own gradient).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Protocol
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+Radius = float | optax.Schedule
+"""A neighbourhood radius: a non-negative float or a schedule of the step."""
+
+LossFn = Callable[..., Any]
+"""``loss_fn(params, **extra_args) -> scalar`` (or ``(scalar, aux)``)."""
+
+GradientFn = Callable[[optax.Params], optax.Updates]
+"""``∇L`` at a point, with the extra arguments of this ``update`` bound."""
+
+DEFAULT_EPS = 1e-12
+
+# Extra arguments that optax itself passes along a chain and that are not
+# meant for the user's loss function; they are never forwarded to it.
+_NOT_FOR_THE_LOSS = frozenset({"loss_fn", "value", "grad", "value_fn"})
+
+
+class SAMState(NamedTuple):
+  """State of every single-step method of the family.
+
+  Attributes:
+    count: steps taken; the argument of every ρ schedule.
+  """
+
+  count: jax.Array
+
+
+# --------------------------------------------------------------------------
+# Argument validation.
+# --------------------------------------------------------------------------
+
+
+def check_radius(name: str, value: Radius, method: str) -> None:
+  """Raises ``ValueError`` unless ``value`` is a finite ρ ≥ 0 or a schedule.
+
+  A schedule is checked at step 0 where it can be evaluated there.
+  """
+  if callable(value):
+    try:
+      first = value(0)
+    except Exception:  # pylint: disable=broad-except
+      return  # a schedule that needs tracing; it is used as it is
+    _check_number(name, first, method, what="the schedule's value at step 0")
+    return
+  _check_number(name, value, method, what="")
+
+
+def _check_number(name: str, value: Any, method: str, what: str) -> None:
+  try:
+    number = float(value)
+  except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+    raise TypeError(
+        f"{method}: {name} must be a float or an optax schedule, got"
+        f" {type(value).__name__} {value!r}."
+    ) from None
+  if not math.isfinite(number) or number < 0:
+    of = f" ({what})" if what else ""
+    raise ValueError(
+        f"{method}: {name} must be finite and >= 0, got {name}={number!r}{of}."
+    )
+
+
+def check_positive(name: str, value: float, method: str) -> None:
+  """Raises ``ValueError`` unless ``value`` is a finite number > 0."""
+  if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    raise ValueError(f"{method}: {name} must be finite and > 0, got {name}={value!r}.")
+
+
+def check_in_range(name: str, value: float, low: float, high: float, method: str) -> None:
+  """Raises ``ValueError`` unless ``low <= value <= high``."""
+  if not isinstance(value, (int, float)) or not low <= value <= high:
+    raise ValueError(
+        f"{method}: {name} must be in [{low}, {high}], got {name}={value!r}."
+    )
+
+
+def check_callable(name: str, value: Any, method: str, required: bool = False) -> None:
+  """Raises ``TypeError`` unless ``value`` is callable (or None if optional)."""
+  if value is None and not required:
+    return
+  if not callable(value):
+    raise TypeError(
+        f"{method}: {name} must be a function, got {type(value).__name__} {value!r}."
+    )
+
+
+def radius_at(radius: Radius, count: jax.Array) -> jax.Array:
+  """The value of ``radius`` at step ``count``, as a float32 scalar."""
+  value = radius(count) if callable(radius) else radius
+  return jnp.asarray(value, dtype=jnp.float32)
+
+
+# --------------------------------------------------------------------------
+# Tree arithmetic, accumulated in float32.
+# --------------------------------------------------------------------------
+
+
+def _float32(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def global_norm(tree: Any) -> jax.Array:
+  """``‖tree‖``: the L2 norm over every leaf, accumulated in float32."""
+  return optax.tree.norm(_float32(tree))
+
+
+def vdot(tree_a: Any, tree_b: Any) -> jax.Array:
+  """``⟨a, b⟩`` over every leaf, accumulated in float32."""
+  return optax.tree.vdot(_float32(tree_a), _float32(tree_b))
+
+
+def scaled_sum(tree_a: Any, scale: jax.Array, tree_b: Any, like: Any = None) -> Any:
+  """``a + scale·b`` computed in float32, cast leafwise to the dtypes of ``like``.
+
+  ``like`` defaults to ``tree_a``.
+  """
+  like = tree_a if like is None else like
+  return jax.tree.map(
+      lambda a, b, ref: (
+          jnp.asarray(a, jnp.float32) + scale * jnp.asarray(b, jnp.float32)
+      ).astype(ref.dtype),
+      tree_a, tree_b, like,
+  )
+
+
+def ascent_point(params: optax.Params, direction: Any, scale: jax.Array) -> optax.Params:
+  """``ŵ = w + scale · direction`` in float32, in the parameters' dtypes."""
+  return scaled_sum(params, scale, direction)
+
+
+def normalized(tree: Any, eps: float) -> Any:
+  """``tree / (‖tree‖ + δ)`` in float32 (a zero tree stays zero)."""
+  inv = 1.0 / (global_norm(tree) + eps)
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) * inv, tree)
+
+
+def sam_gradient(
+    grads: optax.Updates,
+    params: optax.Params,
+    gradient_at: GradientFn,
+    rho: jax.Array,
+    *,
+    normalize: bool,
+    eps: float,
+) -> optax.Updates:
+  """SAM's surrogate ``∇L(w + ρ g / (‖g‖ + δ))`` (``∇L(w + ρ g)`` unnormalized)."""
+  direction = normalized(grads, eps) if normalize else grads
+  return gradient_at(ascent_point(params, direction, rho))
+
+
+def rescale_to_norm(tree: Any, reference: Any, eps: float) -> Any:
+  """StableSAM's renormalization ``(‖reference‖ / (‖tree‖ + δ)) · tree``."""
+  scale = global_norm(reference) / (global_norm(tree) + eps)
+  return jax.tree.map(
+      lambda x: (jnp.asarray(x, jnp.float32) * scale).astype(x.dtype), tree
+  )
+
+
+def cast_like(tree: Any, like: Any) -> Any:
+  """Casts each leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
+  return jax.tree.map(lambda x, ref: jnp.asarray(x).astype(ref.dtype), tree, like)
+
+
+# --------------------------------------------------------------------------
+# Re-evaluating the user's loss.
+# --------------------------------------------------------------------------
+
+
+def _accepted_keywords(fn: Callable[..., Any]) -> frozenset[str] | None:
+  """Keywords ``fn`` takes after its first argument; None if it takes any."""
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):
+    return None
+  names = []
+  for index, parameter in enumerate(signature.parameters.values()):
+    if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+      return None
+    if index == 0 or parameter.kind in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL):
+      continue
+    names.append(parameter.name)
+  return frozenset(names)
+
+
+def loss_arguments(
+    method: str,
+    fn_name: str,
+    fn: Callable[..., Any],
+    extra_args: Mapping[str, Any],
+) -> dict[str, Any]:
+  """The extra arguments of ``update`` that go to ``fn``, checked by name.
+
+  Raises:
+    TypeError: naming the keyword, if ``fn`` cannot take one of them.
+  """
+  arguments = {k: v for k, v in extra_args.items() if k not in _NOT_FOR_THE_LOSS}
+  accepted = _accepted_keywords(fn)
+  if accepted is not None:
+    unknown = sorted(set(arguments) - accepted)
+    if unknown:
+      raise TypeError(
+          f"{method}: update() got extra argument(s) {unknown} that"
+          f" {fn_name}{_signature_text(fn)} does not accept. The extra"
+          f" arguments of update are passed to {fn_name} by keyword; it"
+          f" accepts {sorted(accepted)}."
+      )
+  return arguments
+
+
+def _signature_text(fn: Callable[..., Any]) -> str:
+  try:
+    return str(inspect.signature(fn))
+  except (TypeError, ValueError):
+    return "(...)"
+
+
+def resolve_loss_fn(
+    method: str, loss_fn: LossFn | None, extra_args: Mapping[str, Any]
+) -> LossFn:
+  """The loss of this step: the constructor's, else the ``loss_fn`` keyword."""
+  given = extra_args.get("loss_fn")
+  if loss_fn is not None and given is not None and given is not loss_fn:
+    raise ValueError(
+        f"{method}: loss_fn was given both to the constructor and to update();"
+        " give it in one place only."
+    )
+  loss_fn = loss_fn if loss_fn is not None else given
+  if loss_fn is None:
+    raise ValueError(
+        f"{method}: no loss_fn. Pass loss_fn=... to the constructor, e.g."
+        f" sam_optax.{method}(..., loss_fn=loss_fn), or to update(...,"
+        " loss_fn=loss_fn); the method re-evaluates its gradient at the"
+        " perturbed weights."
+    )
+  check_callable("loss_fn", loss_fn, method, required=True)
+  return loss_fn
+
+
+def scalar_loss(method: str, loss_fn: LossFn, has_aux: bool) -> Callable[..., jax.Array]:
+  """``loss_fn`` reduced to its scalar value, with its shape checked."""
+
+  def value(params, **kwargs):
+    out = loss_fn(params, **kwargs)
+    if has_aux:
+      if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise ValueError(
+            f"{method}: has_aux=True, so loss_fn must return (loss, aux), got"
+            f" {type(out).__name__}."
+        )
+      out = out[0]
+    elif isinstance(out, (tuple, list)):
+      raise ValueError(
+          f"{method}: loss_fn returned a {type(out).__name__} of"
+          f" {len(out)}; if it returns (loss, aux), pass has_aux=True."
+      )
+    out = jnp.asarray(out)
+    if out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+      raise ValueError(
+          f"{method}: loss_fn must return a scalar float loss, got an array of"
+          f" shape {out.shape} and dtype {out.dtype} (reduce it, e.g. with"
+          " .mean())."
+      )
+    return out
+
+  return value
+
+
+def make_gradient_fn(
+    method: str,
+    loss_fn: LossFn | None,
+    has_aux: bool,
+    extra_args: Mapping[str, Any],
+) -> GradientFn:
+  """``w ↦ ∇L(w)`` for this step: the loss resolved and checked, args bound."""
+  loss_fn = resolve_loss_fn(method, loss_fn, extra_args)
+  arguments = loss_arguments(method, "loss_fn", loss_fn, extra_args)
+  value = scalar_loss(method, loss_fn, has_aux)
+  return lambda point: jax.grad(value)(point, **arguments)
+
+
+def check_update_inputs(method: str, updates: Any, params: Any) -> None:
+  """``params`` is given and has the structure and shapes of ``updates``."""
+  if params is None:
+    raise ValueError(
+        f"{method}: update() needs params (the current weights) to compute the"
+        " ascent point: call tx.update(grads, opt_state, params, ...)."
+    )
+  try:
+    chex.assert_trees_all_equal_shapes(updates, params)
+  except (AssertionError, ValueError) as error:
+    raise ValueError(
+        f"{method}: the gradient (updates) and params must be pytrees of the"
+        f" same structure and shapes: {error}"
+    ) from None
+
+
+# --------------------------------------------------------------------------
+# The transformation skeleton.
+# --------------------------------------------------------------------------
+
+
+class SurrogateRule(Protocol):
+  """A method's rule: the surrogate gradient from ``g``, ``w`` and ``∇L``.
+
+  ``radii`` holds each radius of the method evaluated at this step, under the
+  name it has in the constructor.
+  """
+
+  def __call__(
+      self,
+      grads: optax.Updates,
+      params: optax.Params,
+      gradient_at: GradientFn,
+      **radii: jax.Array,
+  ) -> optax.Updates:
+    ...
+
+
+def surrogate_transformation(
+    method: str,
+    rule: SurrogateRule,
+    *,
+    radii: Mapping[str, Radius],
+    loss_fn: LossFn | None,
+    has_aux: bool,
+    axis_name: str | None,
+    gradient_fn_factory: Callable[[Mapping[str, Any]], GradientFn] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Builds a method of the family from its ``rule``.
+
+  ``update(g, state, params, **extra_args)`` checks its inputs, binds the
+  extra arguments to the loss (``make_gradient_fn``, or
+  ``gradient_fn_factory`` for a method whose descent loss is not ``loss_fn``),
+  evaluates the radii at ``state.count``, applies ``rule``, casts the result
+  to the dtypes of ``g`` and, with ``axis_name``, averages it across that axis
+  (once: each device perturbed with its own gradient, m-sharpness).
+  """
+  for name, value in radii.items():
+    check_radius(name, value, method)
+  check_callable("loss_fn", loss_fn, method)
+  if axis_name is not None and not isinstance(axis_name, str):
+    raise TypeError(f"{method}: axis_name must be a string or None, got {axis_name!r}.")
+
+  def init(params: optax.Params) -> SAMState:
+    del params
+    return SAMState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None, **extra_args):
+    check_update_inputs(method, updates, params)
+    if gradient_fn_factory is None:
+      gradient_at = make_gradient_fn(method, loss_fn, has_aux, extra_args)
+    else:
+      gradient_at = gradient_fn_factory(extra_args)
+    values = {name: radius_at(value, state.count) for name, value in radii.items()}
+    surrogate = cast_like(rule(updates, params, gradient_at, **values), updates)
+    surrogate = mean_over_axis(surrogate, axis_name)
+    return surrogate, SAMState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def mean_over_axis(tree: Any, axis_name: str | None) -> Any:
+  """``lax.pmean`` over ``axis_name`` (identity for None), with a clear error."""
+  if axis_name is None:
+    return tree
+  try:
+    return jax.lax.pmean(tree, axis_name)
+  except NameError as error:
+    raise ValueError(
+        f"axis_name={axis_name!r} is not bound: call the update inside"
+        f" jax.pmap(..., axis_name={axis_name!r}) or shard_map over a mesh axis"
+        f" of that name, or pass axis_name=None. ({error})"
+    ) from None

@@ -1,0 +1,100 @@
+"""ASAM: adaptive sharpness-aware minimization."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sam_optax import _ascent
+from sam_optax._ascent import LossFn, Radius
+
+
+def not_a_bias(params: optax.Params) -> Any:
+  """The authors' mask: True for every leaf except those named ``bias``.
+
+  Kernels, embeddings and normalization scales are scaled by ``|w| + η``;
+  biases get ``T = 1`` (still perturbed, still counted in the norm).
+  """
+
+  def is_scaled(path, _):
+    last = path[-1] if path else None
+    name = getattr(last, "key", getattr(last, "name", None))
+    return not (isinstance(name, str) and "bias" in name.lower())
+
+  return jax.tree_util.tree_map_with_path(is_scaled, params)
+
+
+def asam(
+    rho: Radius = 0.5,
+    *,
+    eta: float = 0.01,
+    loss_fn: LossFn | None = None,
+    adaptive_mask: Any | Callable[[optax.Params], Any] = not_a_bias,
+    has_aux: bool = False,
+    axis_name: str | None = None,
+    eps: float = _ascent.DEFAULT_EPS,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adaptive SAM (Kwon et al., ICML 2021, arXiv:2102.11600).
+
+  .. math::
+
+    T_w = |w| + η, \qquad ε = ρ · T_w^2 g / (‖T_w g‖ + δ), \qquad g̃ = ∇L(w + ε).
+
+  The scale operator makes the neighbourhood scale-invariant. Following the
+  authors' code, ``T_w = 1`` on biases (``adaptive_mask=not_a_bias``); pass
+  ``adaptive_mask=lambda p: jax.tree.map(lambda _: True, p)`` and ``eta=0``
+  for the ports that scale every leaf.
+
+  Args:
+    rho: the radius ρ ≥ 0 (0.5 on CIFAR-10, 1.0 on CIFAR-100 / ImageNet), or
+      an optax schedule.
+    eta: η ≥ 0, added to ``|w|`` so that zero weights are perturbed too.
+    loss_fn: see :func:`sam_optax.sam`.
+    adaptive_mask: a pytree of bools like the params (True: ``T = |w| + η``,
+      False: ``T = 1``) or a function of the params that returns one.
+    has_aux, axis_name, eps: see :func:`sam_optax.sam`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; chain it before the base
+    optimizer.
+
+  References:
+    Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for
+    Scale-Invariant Learning of Deep Neural Networks
+    <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, sam_optax
+    >>> loss_fn = lambda p, x: jnp.sum((p['kernel'] * x + p['bias']) ** 2)
+    >>> params = {'kernel': jnp.ones(3), 'bias': jnp.zeros(3)}
+    >>> tx = optax.chain(sam_optax.asam(0.5, loss_fn=loss_fn), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(loss_fn)(params, x=jnp.arange(3.0))
+    >>> updates, state = tx.update(grads, state, params, x=jnp.arange(3.0))
+    >>> updates['kernel'].shape
+    (3,)
+  """
+  if not isinstance(eta, (int, float)) or not eta >= 0:
+    raise ValueError(f"asam: eta must be finite and >= 0, got eta={eta!r}.")
+  _ascent.check_positive("eps", eps, "asam")
+
+  def rule(grads, params, gradient_at, *, rho):
+    mask = adaptive_mask(params) if callable(adaptive_mask) else adaptive_mask
+    scale = jax.tree.map(
+        lambda w, scaled: (jnp.abs(jnp.asarray(w, jnp.float32)) + eta)
+        if scaled else jnp.ones([], jnp.float32),
+        params, mask,
+    )
+    scaled_grads = jax.tree.map(lambda t, g: t * jnp.asarray(g, jnp.float32), scale, grads)
+    epsilon = jax.tree.map(lambda t, tg: t * tg, scale, scaled_grads)
+    step = rho / (_ascent.global_norm(scaled_grads) + eps)
+    return gradient_at(_ascent.ascent_point(params, epsilon, step))
+
+  return _ascent.surrogate_transformation(
+      "asam", rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,
+      axis_name=axis_name,
+  )
