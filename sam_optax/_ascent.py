@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import chex
@@ -360,7 +360,11 @@ def surrogate_transformation(
     loss_fn: LossFn | None,
     has_aux: bool,
     axis_name: str | None,
+    batch_splits: int | None = None,
+    batch_argnames: Sequence[str] = ("batch",),
+    sync_perturbation: bool = False,
     gradient_fn_factory: Callable[[Mapping[str, Any]], GradientFn] | None = None,
+    ascent_gradient_fn_factory: Callable[[Mapping[str, Any]], GradientFn] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a method of the family from its ``rule``.
 
@@ -369,13 +373,48 @@ def surrogate_transformation(
   ``gradient_fn_factory`` for a method whose descent loss is not ``loss_fn``),
   evaluates the radii at ``state.count``, applies ``rule``, casts the result
   to the dtypes of ``g`` and, with ``axis_name``, averages it across that axis
-  (once: each device perturbed with its own gradient, m-sharpness).
+  exactly once. Where the perturbation is computed (m-sharpness):
+
+  * default: with the incoming gradient, i.e. per device under ``pmap`` /
+    ``shard_map`` when the local, un-averaged gradient is passed;
+  * ``sync_perturbation=True``: with the gradient averaged over
+    ``axis_name`` (one perturbation for the whole global batch);
+  * ``batch_splits=n``: per group of ``B/n`` examples inside the batch. The
+    extra arguments named in ``batch_argnames`` are split along axis 0 into
+    ``n`` groups; each group's gradient ``g_i = ∇L_i(w)`` is recomputed (one
+    extra pass, vectorized over the groups) and the rule runs per group with
+    ``g_i`` and ``∇L_i``; the surrogate is the mean over groups. The ascent
+    loss of group ``i`` is ``ascent_gradient_fn_factory`` (default: the same
+    loss as the descent).
   """
   for name, value in radii.items():
     check_radius(name, value, method)
   check_callable("loss_fn", loss_fn, method)
   if axis_name is not None and not isinstance(axis_name, str):
     raise TypeError(f"{method}: axis_name must be a string or None, got {axis_name!r}.")
+  if sync_perturbation and axis_name is None:
+    raise ValueError(
+        f"{method}: sync_perturbation=True averages the gradient over the data"
+        " axis before the ascent, so it needs axis_name.")
+  if batch_splits is not None:
+    if isinstance(batch_splits, bool) or not isinstance(batch_splits, int) or batch_splits < 1:
+      raise ValueError(
+          f"{method}: batch_splits must be a positive int or None, got"
+          f" batch_splits={batch_splits!r}.")
+    if sync_perturbation:
+      raise ValueError(
+          f"{method}: batch_splits (a perturbation per group of examples) and"
+          " sync_perturbation=True (one perturbation for all devices)"
+          " contradict each other; choose one.")
+    if isinstance(batch_argnames, str) or not batch_argnames:
+      raise TypeError(
+          f"{method}: batch_argnames must be a non-empty sequence of names of"
+          f" update()'s extra arguments, got {batch_argnames!r}.")
+
+  if gradient_fn_factory is None:
+    gradient_fn_factory = lambda args: make_gradient_fn(method, loss_fn, has_aux, args)
+  if ascent_gradient_fn_factory is None:
+    ascent_gradient_fn_factory = gradient_fn_factory
 
   def init(params: optax.Params) -> SAMState:
     del params
@@ -383,16 +422,53 @@ def surrogate_transformation(
 
   def update(updates, state, params=None, **extra_args):
     check_update_inputs(method, updates, params)
-    if gradient_fn_factory is None:
-      gradient_at = make_gradient_fn(method, loss_fn, has_aux, extra_args)
-    else:
-      gradient_at = gradient_fn_factory(extra_args)
     values = {name: radius_at(value, state.count) for name, value in radii.items()}
-    surrogate = cast_like(rule(updates, params, gradient_at, **values), updates)
-    surrogate = mean_over_axis(surrogate, axis_name)
+    if batch_splits is None:
+      grads = mean_over_axis(updates, axis_name) if sync_perturbation else updates
+      surrogate = rule(grads, params, gradient_fn_factory(extra_args), **values)
+    else:
+      def one_group(group_args):
+        args = {**extra_args, **group_args}
+        group_grads = ascent_gradient_fn_factory(args)(params)
+        return rule(group_grads, params, gradient_fn_factory(args), **values)
+
+      groups = split_arguments(method, extra_args, batch_argnames, batch_splits)
+      surrogate = jax.tree.map(
+          lambda x: jnp.mean(x, axis=0), jax.vmap(one_group)(groups))
+    surrogate = mean_over_axis(cast_like(surrogate, updates), axis_name)
     return surrogate, SAMState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def split_arguments(
+    method: str,
+    extra_args: Mapping[str, Any],
+    names: Sequence[str],
+    splits: int,
+) -> dict[str, Any]:
+  """The named extra arguments, each leaf reshaped ``[B, ...] → [splits, B/splits, ...]``."""
+  missing = [name for name in names if name not in extra_args]
+  if missing:
+    raise ValueError(
+        f"{method}: batch_splits={splits} splits the extra arguments"
+        f" {list(names)} along axis 0, but update() got no {missing}; it got"
+        f" {sorted(extra_args)}. Set batch_argnames to the names of the batch"
+        " arguments.")
+
+  def split(path, leaf):
+    shape = jnp.shape(leaf)
+    if not shape or shape[0] % splits:
+      raise ValueError(
+          f"{method}: batch_splits={splits} must divide the leading (batch)"
+          f" dimension of every leaf of {list(names)}, but"
+          f" {jax.tree_util.keystr(path) or 'the argument'} has shape {shape}.")
+    return jnp.reshape(leaf, (splits, shape[0] // splits) + shape[1:])
+
+  return {
+      name: jax.tree_util.tree_map_with_path(split, extra_args[name])
+      for name in names
+  }
 
 
 def mean_over_axis(tree: Any, axis_name: str | None) -> Any:

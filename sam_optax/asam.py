@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -36,6 +36,9 @@ def asam(
     adaptive_mask: Any | Callable[[optax.Params], Any] = not_a_bias,
     has_aux: bool = False,
     axis_name: str | None = None,
+    batch_splits: int | None = None,
+    batch_argnames: Sequence[str] = ("batch",),
+    sync_perturbation: bool = False,
     eps: float = _ascent.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM (Kwon et al., ICML 2021, arXiv:2102.11600).
@@ -56,7 +59,8 @@ def asam(
     loss_fn: see :func:`sam_optax.sam`.
     adaptive_mask: a pytree of bools like the params (True: ``T = |w| + η``,
       False: ``T = 1``) or a function of the params that returns one.
-    has_aux, axis_name, eps: see :func:`sam_optax.sam`.
+    has_aux, axis_name, batch_splits, batch_argnames, sync_perturbation, eps:
+      see :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; chain it before the base
@@ -96,5 +100,6 @@ def asam(
 
   return _ascent.surrogate_transformation(
       "asam", rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,
-      axis_name=axis_name,
+      axis_name=axis_name, batch_splits=batch_splits,
+  batch_argnames=batch_argnames, sync_perturbation=sync_perturbation,
   )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import optax
 
 from sam_optax import _ascent
@@ -15,6 +17,9 @@ def bsam(
     loss_fn: LossFn | None = None,
     has_aux: bool = False,
     axis_name: str | None = None,
+    batch_splits: int | None = None,
+    batch_argnames: Sequence[str] = ("batch",),
+    sync_perturbation: bool = False,
     eps: float = _ascent.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Bilateral SAM (Deng et al., 2024, arXiv:2409.13173; code ajiaaa/BSAM).
@@ -40,7 +45,8 @@ def bsam(
     rho_max: ρ_max ≥ 0, the radius of the ascent (max-sharpness) step.
     rho_min: ρ_min ≥ 0, the radius of the descent (min-sharpness) step, a
       float or a schedule.
-    loss_fn, has_aux, axis_name, eps: see :func:`sam_optax.sam`.
+    loss_fn, has_aux, axis_name, batch_splits, batch_argnames, sync_perturbation, eps:
+      see :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; chain it before the base
@@ -73,4 +79,6 @@ def bsam(
   return _ascent.surrogate_transformation(
       "bsam", rule, radii={"rho_max": rho_max, "rho_min": rho_min},
       loss_fn=loss_fn, has_aux=has_aux, axis_name=axis_name,
+      batch_splits=batch_splits, batch_argnames=batch_argnames,
+      sync_perturbation=sync_perturbation,
   )

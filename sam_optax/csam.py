@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from sam_optax import _ascent, losses
@@ -20,6 +21,9 @@ def csam(
     normalize: bool = True,
     has_aux: bool = False,
     axis_name: str | None = None,
+    batch_splits: int | None = None,
+    batch_argnames: Sequence[str] = ("batch",),
+    sync_perturbation: bool = False,
     eps: float = _ascent.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Calibrated SAM (arXiv:2505.23866, ICLR 2026).
@@ -45,7 +49,8 @@ def csam(
       ``has_aux=True`` it returns ``((logits, labels), aux)``. The incoming
       gradient must be that of the mean cross-entropy of these logits.
     normalize: SAM's normalized ascent (True) or USAM's ``w + ρ g``.
-    has_aux, axis_name, eps: see :func:`sam_optax.sam`.
+    has_aux, axis_name, batch_splits, batch_argnames, sync_perturbation, eps:
+      see :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; chain it before the base
@@ -76,22 +81,31 @@ def csam(
   _ascent.check_in_range("gamma", gamma, 0.0, 2.0, "csam")
   _ascent.check_positive("eps", eps, "csam")
 
-  def calibrated_loss(params, **kwargs):
+  def logits_and_labels(params, **kwargs):
     out = logits_fn(params, **kwargs)
-    logits_and_labels = out[0] if has_aux else out
-    if not isinstance(logits_and_labels, (tuple, list)) or len(logits_and_labels) != 2:
+    pair = out[0] if has_aux else out
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
       raise ValueError(
           "csam: logits_fn must return (logits, labels)"
           + (" as the first element of (…, aux) since has_aux=True" if has_aux else "")
-          + f", got {type(logits_and_labels).__name__}."
+          + f", got {type(pair).__name__}."
       )
-    logits, labels = logits_and_labels
-    losses.check_logits_and_labels("csam: logits_fn", logits, labels)
-    return losses.calibrated_cross_entropy(logits, labels, gamma)
+    losses.check_logits_and_labels("csam: logits_fn", *pair)
+    return pair
 
-  def gradient_fn_factory(extra_args: Mapping[str, Any]):
-    arguments = _ascent.loss_arguments("csam", "logits_fn", logits_fn, extra_args)
-    return lambda point: jax.grad(calibrated_loss)(point, **arguments)
+  def calibrated_loss(params, **kwargs):
+    return losses.calibrated_cross_entropy(*logits_and_labels(params, **kwargs), gamma)
+
+  def cross_entropy(params, **kwargs):
+    logits, labels = logits_and_labels(params, **kwargs)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        jnp.asarray(logits, jnp.float32), labels).mean()
+
+  def gradient_of(loss):
+    def factory(extra_args: Mapping[str, Any]):
+      arguments = _ascent.loss_arguments("csam", "logits_fn", logits_fn, extra_args)
+      return lambda point: jax.grad(loss)(point, **arguments)
+    return factory
 
   def rule(grads, params, gradient_at, *, rho):
     return _ascent.sam_gradient(grads, params, gradient_at, rho,
@@ -99,5 +113,8 @@ def csam(
 
   return _ascent.surrogate_transformation(
       "csam", rule, radii={"rho": rho}, loss_fn=None, has_aux=has_aux,
-      axis_name=axis_name, gradient_fn_factory=gradient_fn_factory,
+      axis_name=axis_name, batch_splits=batch_splits,
+      batch_argnames=batch_argnames, sync_perturbation=sync_perturbation,
+      gradient_fn_factory=gradient_of(calibrated_loss),
+      ascent_gradient_fn_factory=gradient_of(cross_entropy),
   )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import optax
 
 from sam_optax import _ascent
@@ -15,6 +17,9 @@ def gsam(
     loss_fn: LossFn | None = None,
     has_aux: bool = False,
     axis_name: str | None = None,
+    batch_splits: int | None = None,
+    batch_argnames: Sequence[str] = ("batch",),
+    sync_perturbation: bool = False,
     eps: float = _ascent.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Surrogate-gap SAM (Zhuang et al., ICLR 2022, arXiv:2203.08065).
@@ -38,7 +43,8 @@ def gsam(
     rho: the radius ρ_t ≥ 0, a float or an optax schedule.
     alpha: α, the weight of the ascent along the orthogonal component
       (0.6 for ViT-B/32 on ImageNet in the paper).
-    loss_fn, has_aux, axis_name, eps: see :func:`sam_optax.sam`.
+    loss_fn, has_aux, axis_name, batch_splits, batch_argnames, sync_perturbation, eps:
+      see :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; chain it before the base
@@ -76,5 +82,6 @@ def gsam(
 
   return _ascent.surrogate_transformation(
       "gsam", rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,
-      axis_name=axis_name,
+      axis_name=axis_name, batch_splits=batch_splits,
+  batch_argnames=batch_argnames, sync_perturbation=sync_perturbation,
   )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import optax
 
 from sam_optax import _ascent
@@ -15,6 +18,9 @@ def sam(
     normalize: bool = True,
     has_aux: bool = False,
     axis_name: str | None = None,
+    batch_splits: int | None = None,
+    batch_argnames: Sequence[str] = ("batch",),
+    sync_perturbation: bool = False,
     eps: float = _ascent.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization (Foret et al., ICLR 2021, arXiv:2010.01412).
@@ -51,7 +57,19 @@ def sam(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``. The ``aux`` of the
       re-evaluation is dropped: model state such as BatchNorm statistics is
       taken from the user's own first pass (see the README).
-    axis_name: the data-parallel axis to average the surrogate gradient over.
+    axis_name: the data-parallel axis (of ``jax.pmap`` or ``shard_map``) to
+      average the surrogate gradient over, once.
+    batch_splits: m-sharpness inside a device: split the batch into this many
+      groups of ``m = B / batch_splits`` examples and perturb each group with
+      its own gradient (recomputed, vectorized: one extra pass); the
+      surrogate is the mean over groups. Under ``jax.jit`` with a batch
+      sharded over ``n`` devices, ``batch_splits=n`` gives the per-device
+      perturbation of ``pmap``.
+    batch_argnames: the extra arguments of ``update`` that ``batch_splits``
+      splits along axis 0 (model state such as BatchNorm statistics is not
+      split).
+    sync_perturbation: perturb with the gradient averaged over ``axis_name``
+      (one perturbation for the global batch) instead of the local one.
     eps: δ, added to norms in divisions.
 
   Returns:
@@ -88,22 +106,20 @@ def sam(
 
   return _ascent.surrogate_transformation(
       "sam", rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,
-      axis_name=axis_name,
+      axis_name=axis_name, batch_splits=batch_splits,
+  batch_argnames=batch_argnames, sync_perturbation=sync_perturbation,
   )
 
 
-def usam(
-    rho: Radius = 0.05,
-    *,
-    loss_fn: LossFn | None = None,
-    has_aux: bool = False,
-    axis_name: str | None = None,
-) -> optax.GradientTransformationExtraArgs:
+def usam(rho: Radius = 0.05, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
   """Unnormalized SAM, ``ŵ = w + ρ · g``: :func:`sam` with ``normalize=False``.
+
+  Takes the keywords of :func:`sam` except ``normalize``.
 
   Example:
     >>> import optax, sam_optax
     >>> tx = optax.chain(sam_optax.usam(0.05), optax.sgd(0.05))
   """
-  return sam(rho, loss_fn=loss_fn, normalize=False, has_aux=has_aux,
-             axis_name=axis_name)
+  if "normalize" in kwargs:
+    raise TypeError("usam: normalize is always False; use sam(normalize=...) instead.")
+  return sam(rho, normalize=False, **kwargs)
