@@ -378,7 +378,8 @@ def surrogate_transformation(
   * default: with the incoming gradient, i.e. per device under ``pmap`` /
     ``shard_map`` when the local, un-averaged gradient is passed;
   * ``sync_perturbation=True``: with the gradient averaged over
-    ``axis_name`` (one perturbation for the whole global batch);
+    ``axis_name``, and every re-evaluated gradient averaged too, so the step
+    equals the single-device step on the global batch;
   * ``batch_splits=n``: per group of ``B/n`` examples inside the batch. The
     extra arguments named in ``batch_argnames`` are split along axis 0 into
     ``n`` groups; each group's gradient ``g_i = ∇L_i(w)`` is recomputed (one
@@ -423,9 +424,18 @@ def surrogate_transformation(
   def update(updates, state, params=None, **extra_args):
     check_update_inputs(method, updates, params)
     values = {name: radius_at(value, state.count) for name, value in radii.items()}
+    if sync_perturbation:
+      # Every gradient the rule sees is the global batch's, so the result
+      # equals the single-device step on the whole batch (also for the
+      # non-linear rules of GSAM and BSAM), and needs no final average.
+      local_gradient_at = gradient_fn_factory(extra_args)
+      surrogate = rule(
+          mean_over_axis(updates, axis_name), params,
+          lambda point: mean_over_axis(local_gradient_at(point), axis_name),
+          **values)
+      return cast_like(surrogate, updates), SAMState(count=optax.safe_increment(state.count))
     if batch_splits is None:
-      grads = mean_over_axis(updates, axis_name) if sync_perturbation else updates
-      surrogate = rule(grads, params, gradient_fn_factory(extra_args), **values)
+      surrogate = rule(updates, params, gradient_fn_factory(extra_args), **values)
     else:
       def one_group(group_args):
         args = {**extra_args, **group_args}

@@ -69,7 +69,9 @@ def sam(
       splits along axis 0 (model state such as BatchNorm statistics is not
       split).
     sync_perturbation: perturb with the gradient averaged over ``axis_name``
-      (one perturbation for the global batch) instead of the local one.
+      instead of the local one, and average every re-evaluated gradient: the
+      step of the single-device method on the global batch (one all-reduce
+      per gradient evaluation).
     eps: δ, added to norms in divisions.
 
   Returns:

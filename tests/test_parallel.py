@@ -1,0 +1,270 @@
+"""Data parallelism and m-sharpness on 8 fake CPU devices.
+
+Checks, for every method of the core family:
+* synchronized perturbation (``sync_perturbation=True``) under ``pmap``
+  equals the single-device step on the whole batch;
+* per-device perturbation (the default) under ``pmap`` equals a loop that
+  runs the single-device method on each shard separately and averages the
+  surrogate gradients (and, for SAM, a plain NumPy computation);
+* ``pmap``, ``shard_map`` and ``jit`` over a sharded batch with
+  ``batch_splits = n_devices`` give the same parameters after several steps;
+* bad data-parallel input fails with a clear error before any step runs.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import sam_optax
+
+N_DEVICES = 8
+PER_DEVICE = 4
+N_FEATURES, N_CLASSES = 5, 3
+AXIS = "data"
+
+
+def loss_fn(params, batch):
+  x, y = batch
+  logits = x @ params["kernel"] + params["bias"]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def logits_fn(params, batch):
+  x, y = batch
+  return x @ params["kernel"] + params["bias"], y
+
+
+METHODS = {
+    "sam": lambda **kw: sam_optax.sam(0.1, loss_fn=loss_fn, **kw),
+    "usam": lambda **kw: sam_optax.usam(0.1, loss_fn=loss_fn, **kw),
+    "asam": lambda **kw: sam_optax.asam(0.5, loss_fn=loss_fn, **kw),
+    "gsam": lambda **kw: sam_optax.gsam(0.1, alpha=0.4, loss_fn=loss_fn, **kw),
+    "bsam": lambda **kw: sam_optax.bsam(0.1, 0.05, loss_fn=loss_fn, **kw),
+    "csam": lambda **kw: sam_optax.csam(0.1, gamma=1.0, logits_fn=logits_fn, **kw),
+    "stable_sam": lambda **kw: sam_optax.stable_sam(
+        sam_optax.usam(0.1, loss_fn=loss_fn, **kw),
+        axis_name=kw.get("axis_name")),
+}
+
+
+@pytest.fixture(scope="module")
+def problem():
+  assert jax.device_count() >= N_DEVICES, "the root conftest sets 8 CPU devices"
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(N_DEVICES * PER_DEVICE, N_FEATURES)).astype(np.float32)
+  y = rng.integers(0, N_CLASSES, size=N_DEVICES * PER_DEVICE).astype(np.int32)
+  params = {
+      "kernel": jnp.asarray(rng.normal(size=(N_FEATURES, N_CLASSES)) * 0.5, jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=(N_CLASSES,)) * 0.1, jnp.float32),
+  }
+  return params, (jnp.asarray(x), jnp.asarray(y))
+
+
+def shards(batch):
+  return jax.tree.map(lambda a: a.reshape((N_DEVICES, PER_DEVICE) + a.shape[1:]), batch)
+
+
+def replicate(tree):
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (N_DEVICES,) + a.shape), tree)
+
+
+def pmapped_surrogate(tx, params, batch):
+  state = tx.init(params)
+
+  def step(params, state, batch):
+    grads = jax.grad(loss_fn)(params, batch)  # the local, un-averaged gradient
+    return tx.update(grads, state, params, batch=batch)[0]
+
+  out = jax.pmap(step, axis_name=AXIS)(replicate(params), replicate(state), shards(batch))
+  for leaf in jax.tree.leaves(out):  # every device holds the same average
+    np.testing.assert_allclose(leaf, jnp.broadcast_to(leaf[0], leaf.shape), rtol=1e-6, atol=1e-7)
+  return jax.tree.map(lambda a: a[0], out)
+
+
+def single_device_surrogate(tx, params, batch):
+  grads = jax.grad(loss_fn)(params, batch)
+  return jax.jit(tx.update)(grads, tx.init(params), params, batch=batch)[0]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_synchronized_perturbation_equals_single_device_on_whole_batch(problem, name):
+  params, batch = problem
+  if name == "stable_sam":
+    tx = sam_optax.stable_sam(
+        sam_optax.usam(0.1, loss_fn=loss_fn, axis_name=AXIS, sync_perturbation=True),
+        axis_name=AXIS)
+  else:
+    tx = METHODS[name](axis_name=AXIS, sync_perturbation=True)
+  got = pmapped_surrogate(tx, params, batch)
+  want = single_device_surrogate(METHODS[name](), params, batch)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), got, want)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_per_device_perturbation_equals_loop_over_shards(problem, name):
+  params, batch = problem
+  got = pmapped_surrogate(METHODS[name](axis_name=AXIS), params, batch)
+  per_shard = [
+      single_device_surrogate(METHODS[name](), params, jax.tree.map(lambda a: a[i], shards(batch)))
+      for i in range(N_DEVICES)
+  ]
+  if name == "stable_sam":
+    # StableSAM rescales the *averaged* surrogate to the norm of the averaged
+    # gradient (the whole batch's), not each shard's.
+    inner = [single_device_surrogate(sam_optax.usam(0.1, loss_fn=loss_fn), params,
+                                     jax.tree.map(lambda a: a[i], shards(batch)))
+             for i in range(N_DEVICES)]
+    mean_inner = jax.tree.map(lambda *a: np.mean(a, axis=0), *inner)
+    full_grad = jax.grad(loss_fn)(params, batch)
+    scale = optax.tree.norm(full_grad) / optax.tree.norm(mean_inner)
+    want = jax.tree.map(lambda a: a * scale, mean_inner)
+  else:
+    want = jax.tree.map(lambda *a: np.mean(a, axis=0), *per_shard)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), got, want)
+  # m-sharpness matters: per-device differs from the synchronized perturbation.
+  sync = single_device_surrogate(METHODS[name](), params, batch)
+  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in
+             zip(jax.tree.leaves(got), jax.tree.leaves(sync))) > 1e-4
+
+
+def numpy_softmax_ce_grad(kernel, bias, x, y):
+  logits = x @ kernel + bias
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  p[np.arange(len(y)), y] -= 1.0
+  p /= len(y)
+  return x.T @ p, p.sum(0)
+
+
+def test_per_device_sam_matches_numpy(problem):
+  params, batch = problem
+  got = pmapped_surrogate(METHODS["sam"](axis_name=AXIS), params, batch)
+  kernel, bias = (np.asarray(params[k], np.float64) for k in ("kernel", "bias"))
+  x, y = np.asarray(batch[0], np.float64), np.asarray(batch[1])
+  rho, total_k, total_b = 0.1, 0.0, 0.0
+  for i in range(N_DEVICES):
+    xs, ys = x[i * PER_DEVICE:(i + 1) * PER_DEVICE], y[i * PER_DEVICE:(i + 1) * PER_DEVICE]
+    gk, gb = numpy_softmax_ce_grad(kernel, bias, xs, ys)
+    norm = np.sqrt((gk ** 2).sum() + (gb ** 2).sum()) + 1e-12
+    sk, sb = numpy_softmax_ce_grad(kernel + rho * gk / norm, bias + rho * gb / norm, xs, ys)
+    total_k, total_b = total_k + sk / N_DEVICES, total_b + sb / N_DEVICES
+  np.testing.assert_allclose(got["kernel"], total_k, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got["bias"], total_b, rtol=1e-5, atol=1e-6)
+
+
+STEPS = 3
+
+
+def train_pmap(name, params, batch):
+  tx = optax.chain(METHODS[name](axis_name=AXIS), optax.sgd(0.1, momentum=0.9))
+
+  @functools.partial(jax.pmap, axis_name=AXIS)
+  def step(params, state, batch):
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  params, state = replicate(params), replicate(tx.init(params))
+  for _ in range(STEPS):
+    params, state = step(params, state, shards(batch))
+  return jax.tree.map(lambda a: a[0], params)
+
+
+def train_shard_map(name, params, batch):
+  mesh = Mesh(np.array(jax.devices()[:N_DEVICES]), (AXIS,))
+  tx = optax.chain(METHODS[name](axis_name=AXIS), optax.sgd(0.1, momentum=0.9))
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), P(AXIS)),
+                     out_specs=(P(), P()), check_vma=False)
+  def step(params, state, batch):
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for _ in range(STEPS):
+    params, state = step(params, state, batch)
+  return params
+
+
+def train_sharded_jit(name, params, batch):
+  """jit over a batch sharded across the mesh; batch_splits = devices."""
+  mesh = Mesh(np.array(jax.devices()[:N_DEVICES]), (AXIS,))
+  batch = jax.device_put(batch, NamedSharding(mesh, P(AXIS)))
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  tx = optax.chain(METHODS[name](batch_splits=N_DEVICES), optax.sgd(0.1, momentum=0.9))
+
+  @jax.jit
+  def step(params, state, batch):
+    grads = jax.grad(loss_fn)(params, batch)
+    updates, state = tx.update(grads, state, params, batch=batch)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for _ in range(STEPS):
+    params, state = step(params, state, batch)
+  assert batch[0].sharding.spec == P(AXIS)
+  return params
+
+
+@pytest.mark.parametrize("name", ["sam", "asam", "gsam", "bsam", "csam"])
+def test_pmap_shard_map_and_sharded_jit_agree_after_several_steps(problem, name):
+  params, batch = problem
+  by_pmap = train_pmap(name, params, batch)
+  by_shard_map = train_shard_map(name, params, batch)
+  by_jit = train_sharded_jit(name, params, batch)
+  for other in (by_shard_map, by_jit):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 by_pmap, other)
+  assert not np.allclose(by_pmap["kernel"], params["kernel"])  # it trained
+
+
+def test_batch_splits_one_equals_plain_step(problem):
+  params, batch = problem
+  plain = single_device_surrogate(METHODS["gsam"](), params, batch)
+  split = single_device_surrogate(METHODS["gsam"](batch_splits=1), params, batch)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), plain, split)
+
+
+def test_batch_not_divisible_by_batch_splits(problem):
+  params, batch = problem
+  tx = METHODS["sam"](batch_splits=5)
+  with pytest.raises(ValueError, match=r"batch_splits=5 must divide the leading \(batch\) dimension"):
+    tx.update(jax.grad(loss_fn)(params, batch), tx.init(params), params, batch=batch)
+
+
+def test_batch_splits_needs_the_named_batch_argument(problem):
+  params, batch = problem
+  tx = sam_optax.sam(0.1, loss_fn=lambda p, data: loss_fn(p, data), batch_splits=2)
+  with pytest.raises(ValueError, match=r"got no \['batch'\].*Set batch_argnames"):
+    tx.update(jax.grad(loss_fn)(params, batch), tx.init(params), params, data=batch)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.0, True])
+def test_bad_batch_splits(bad):
+  with pytest.raises(ValueError, match="batch_splits must be a positive int"):
+    sam_optax.sam(0.1, loss_fn=loss_fn, batch_splits=bad)
+
+
+def test_sync_perturbation_needs_axis_name():
+  with pytest.raises(ValueError, match="sync_perturbation=True .* needs axis_name"):
+    sam_optax.gsam(0.1, loss_fn=loss_fn, sync_perturbation=True)
+
+
+def test_sync_and_batch_splits_contradict():
+  with pytest.raises(ValueError, match="contradict"):
+    sam_optax.sam(0.1, loss_fn=loss_fn, axis_name=AXIS, sync_perturbation=True, batch_splits=2)
+
+
+def test_unbound_axis_name_is_a_clear_error(problem):
+  params, batch = problem
+  tx = METHODS["bsam"](axis_name="devices")
+  grads = jax.grad(loss_fn)(params, batch)
+  with pytest.raises(ValueError, match=r"axis_name='devices' is not bound"):
+    jax.jit(tx.update)(grads, tx.init(params), params, batch=batch)
