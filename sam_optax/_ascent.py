@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -82,6 +83,8 @@ def check_radius(name: str, value: Radius, method: str) -> None:
 
 def _check_number(name: str, value: Any, method: str, what: str) -> None:
   try:
+    if isinstance(value, (str, bytes)):  # float("0.05") would accept a string
+      raise TypeError
     number = float(value)
   except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
     raise TypeError(
@@ -97,13 +100,19 @@ def _check_number(name: str, value: Any, method: str, what: str) -> None:
 
 def check_positive(name: str, value: float, method: str) -> None:
   """Raises ``ValueError`` unless ``value`` is a finite number > 0."""
-  if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+  if not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
     raise ValueError(f"{method}: {name} must be finite and > 0, got {name}={value!r}.")
+
+
+def check_non_negative(name: str, value: float, method: str) -> None:
+  """Raises ``ValueError`` unless ``value`` is a finite number >= 0."""
+  if not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+    raise ValueError(f"{method}: {name} must be finite and >= 0, got {name}={value!r}.")
 
 
 def check_in_range(name: str, value: float, low: float, high: float, method: str) -> None:
   """Raises ``ValueError`` unless ``low <= value <= high``."""
-  if not isinstance(value, (int, float)) or not low <= value <= high:
+  if not isinstance(value, numbers.Real) or not low <= value <= high:
     raise ValueError(
         f"{method}: {name} must be in [{low}, {high}], got {name}={value!r}."
     )

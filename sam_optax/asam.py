@@ -82,8 +82,7 @@ def asam(
     >>> updates['kernel'].shape
     (3,)
   """
-  if not isinstance(eta, (int, float)) or not eta >= 0:
-    raise ValueError(f"asam: eta must be finite and >= 0, got eta={eta!r}.")
+  _ascent.check_non_negative("eta", eta, "asam")
   _ascent.check_positive("eps", eps, "asam")
 
   def rule(grads, params, gradient_at, *, rho):

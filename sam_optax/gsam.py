@@ -67,8 +67,7 @@ def gsam(
     >>> grads = jax.grad(loss_fn)(params, x=jnp.arange(4.0))
     >>> updates, state = tx.update(grads, state, params, x=jnp.arange(4.0))
   """
-  if not isinstance(alpha, (int, float)) or not alpha >= 0 or alpha != alpha:
-    raise ValueError(f"gsam: alpha must be finite and >= 0, got alpha={alpha!r}.")
+  _ascent.check_non_negative("alpha", alpha, "gsam")
   _ascent.check_positive("eps", eps, "gsam")
 
   def rule(grads, params, gradient_at, *, rho):

@@ -1,0 +1,299 @@
+"""Figures of the comparison: learning curves, reliability diagrams, bar charts.
+
+Every function draws on a fresh :class:`matplotlib.figure.Figure` rendered by
+the Agg canvas (no display and no global ``pyplot`` state or backend switch,
+so it is safe in scripts, threads and tests), writes it to ``path`` (the format from its suffix, PNG by default;
+missing parent folders are created) and returns ``path`` as a string. Bad
+input (nothing to plot, series of different lengths, missing keys) raises a
+``ValueError`` that names the method and key before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+__all__ = ["plot_learning_curves", "plot_reliability_diagrams", "plot_bar_chart"]
+
+# The keys of a history in the order the panels are drawn; others follow in
+# the order they are first seen.
+_PREFERRED_ORDER = (
+    "train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_nll",
+    "test_ece", "test_adaptive_ece",
+)
+# Keys of a history that give the x axis instead of a panel.
+_X_KEYS = ("epoch", "step")
+
+_DIAGRAM_KEYS = ("bin_lower", "bin_upper", "bin_confidence", "bin_accuracy", "bin_count")
+
+_NAMES = {"nll": "NLL", "ece": "ECE", "adaptive_ece": "adaptive ECE", "loss": "loss",
+          "accuracy": "accuracy"}
+
+
+def _label(key: str) -> str:
+  """``'test_ece'`` -> ``'Test ECE'``."""
+  words = key.split("_", 1)
+  if len(words) == 2 and words[0] in ("train", "test", "val", "eval"):
+    rest = _NAMES.get(words[1], words[1].replace("_", " "))
+    return f"{words[0].capitalize()} {rest}"
+  return key.replace("_", " ").capitalize()
+
+
+def _colors(count: int) -> list[Any]:
+  cmap = matplotlib.colormaps["tab10" if count <= 10 else "tab20"]
+  return [cmap(i % cmap.N) for i in range(count)]
+
+
+def _series(where: str, values: Any) -> np.ndarray:
+  try:
+    array = np.asarray(values, dtype=np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f"{where} must be a sequence of numbers, got {values!r}.") from None
+  if array.ndim != 1:
+    raise ValueError(f"{where} must be a 1-D sequence of numbers, got shape {array.shape}.")
+  return array
+
+
+def _save(figure: Figure, path: str | os.PathLike[str]) -> str:
+  path = os.fspath(path)
+  parent = os.path.dirname(path)
+  if parent:
+    os.makedirs(parent, exist_ok=True)
+  FigureCanvasAgg(figure)
+  figure.savefig(path, dpi=120)
+  return path
+
+
+def _grid(count: int, max_cols: int) -> tuple[int, int]:
+  cols = min(count, max_cols)
+  return math.ceil(count / cols), cols
+
+
+def plot_learning_curves(
+    histories: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | os.PathLike[str],
+) -> str:
+  """Learning curves of several methods: one panel per metric, one line per method.
+
+  Args:
+    histories: ``{method: {key: values}}``, e.g. ``{"sam": {"train_loss":
+      [...], "test_accuracy": [...], "test_nll": [...], "test_ece": [...]}}``
+      with one value per epoch. Every key present in any method gets a panel
+      (``train_loss`` and ``test_accuracy`` first); a method lacking a key is
+      absent from that panel. An ``epoch`` (or ``step``) key, if present,
+      gives the x values of that method; otherwise the x values are
+      ``1, 2, ...``. Within a method every series must have the same length.
+      NaN values (a diverged run) leave gaps.
+    path: the output file (``.png``).
+
+  Returns:
+    ``path``, as a string.
+
+  Raises:
+    ValueError: if ``histories`` or a method's history is empty, a series is
+      empty or not numbers, or the series of a method differ in length.
+
+  Example:
+    >>> import tempfile, os
+    >>> from experiments import plots
+    >>> out = os.path.join(tempfile.mkdtemp(), "curves.png")
+    >>> plots.plot_learning_curves(
+    ...     {"sgd": {"train_loss": [1.0, 0.5], "test_accuracy": [0.6, 0.7]},
+    ...      "sam": {"train_loss": [1.1, 0.6], "test_accuracy": [0.62, 0.75]}},
+    ...     out) == out
+    True
+  """
+  if not histories:
+    raise ValueError("plot_learning_curves: histories is empty; pass {method: {key: values}}.")
+  checked: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+  keys: list[str] = []
+  for method, history in histories.items():
+    where = f"plot_learning_curves: histories[{method!r}]"
+    if not isinstance(history, Mapping) or not history:
+      raise ValueError(f"{where} must be a non-empty dict {{key: values}}, got {history!r}.")
+    series = {key: _series(f"{where}[{key!r}]", values) for key, values in history.items()}
+    lengths = {key: len(values) for key, values in series.items()}
+    if len(set(lengths.values())) != 1:
+      raise ValueError(
+          f"{where}: every series must have one value per epoch (the same length), got"
+          f" lengths {lengths}."
+      )
+    if not next(iter(lengths.values())):
+      raise ValueError(f"{where}: the series are empty.")
+    x_key = next((k for k in _X_KEYS if k in series), None)
+    x = series.pop(x_key) if x_key else np.arange(1, next(iter(lengths.values())) + 1)
+    if not series:
+      raise ValueError(f"{where} has only {x_key!r}; nothing to plot.")
+    checked[str(method)] = (x, series)
+    keys.extend(k for k in series if k not in keys)
+  first_seen = list(keys)
+  keys.sort(key=lambda k: _PREFERRED_ORDER.index(k) if k in _PREFERRED_ORDER
+            else len(_PREFERRED_ORDER) + first_seen.index(k))
+  x_label = next((k for k in _X_KEYS if any(k in h for h in histories.values())), "epoch")
+
+  rows, cols = _grid(len(keys), 3)
+  figure = Figure(figsize=(4.2 * cols + 1.8, 3.2 * rows), layout="constrained")
+  axes = figure.subplots(rows, cols, squeeze=False).ravel()
+  colors = dict(zip(checked, _colors(len(checked))))
+  for ax, key in zip(axes, keys):
+    for method, (x, series) in checked.items():
+      if key in series:
+        ax.plot(x, series[key], label=method, color=colors[method],
+                marker="o" if len(x) <= 20 else None, markersize=3, linewidth=1.5)
+    ax.set_title(_label(key))
+    ax.set_xlabel(x_label.capitalize())
+    ax.set_ylabel(_label(key))
+    ax.grid(True, alpha=0.3)
+  for ax in axes[len(keys):]:
+    ax.set_visible(False)
+  handles = [Line2D([], [], color=colors[m], linewidth=2) for m in checked]
+  figure.legend(handles, list(checked), loc="outside right upper", title="method")
+  return _save(figure, path)
+
+
+def plot_reliability_diagrams(
+    diagrams: Mapping[str, Mapping[str, Any]],
+    path: str | os.PathLike[str],
+) -> str:
+  """Reliability diagrams (Guo et al., 2017), one panel per method.
+
+  Each panel shows the accuracy of each confidence bin as a bar, the gap to
+  the bin's mean confidence as a shaded bar, and the diagonal of perfect
+  calibration; empty bins are left blank. The panel title carries the ECE if
+  the dict has an ``ece`` entry (as :func:`experiments.metrics.reliability_diagram`
+  returns).
+
+  Args:
+    diagrams: ``{method: diagram}`` with each ``diagram`` the output of
+      :func:`experiments.metrics.reliability_diagram` (arrays ``bin_lower``,
+      ``bin_upper``, ``bin_confidence``, ``bin_accuracy``, ``bin_count`` of
+      one length; optional float ``ece``).
+    path: the output file (``.png``).
+
+  Returns:
+    ``path``, as a string.
+
+  Raises:
+    ValueError: if ``diagrams`` is empty, a key is missing, or the arrays of a
+      diagram differ in length.
+
+  Example:
+    >>> import tempfile, os
+    >>> import numpy as np
+    >>> from experiments import metrics, plots
+    >>> logits, labels = np.random.default_rng(0).normal(size=(100, 3)), np.zeros(100, int)
+    >>> out = os.path.join(tempfile.mkdtemp(), "reliability.png")
+    >>> plots.plot_reliability_diagrams(
+    ...     {"sgd": metrics.reliability_diagram(logits, labels)}, out) == out
+    True
+  """
+  if not diagrams:
+    raise ValueError("plot_reliability_diagrams: diagrams is empty; pass {method: diagram}.")
+  checked = {}
+  for method, diagram in diagrams.items():
+    where = f"plot_reliability_diagrams: diagrams[{method!r}]"
+    if not isinstance(diagram, Mapping):
+      raise ValueError(f"{where} must be the dict of metrics.reliability_diagram, got {diagram!r}.")
+    missing = [k for k in _DIAGRAM_KEYS if k not in diagram]
+    if missing:
+      raise ValueError(
+          f"{where} lacks {missing}; pass the output of metrics.reliability_diagram.")
+    arrays = {k: _series(f"{where}[{k!r}]", diagram[k]) for k in _DIAGRAM_KEYS}
+    lengths = {k: len(v) for k, v in arrays.items()}
+    if len(set(lengths.values())) != 1 or not lengths["bin_count"]:
+      raise ValueError(f"{where}: the bin arrays must have one equal, non-zero length, got {lengths}.")
+    checked[str(method)] = (arrays, diagram.get("ece"))
+
+  rows, cols = _grid(len(checked), 3)
+  figure = Figure(figsize=(3.6 * cols, 3.7 * rows), layout="constrained")
+  axes = figure.subplots(rows, cols, squeeze=False).ravel()
+  for index, (ax, (method, (arrays, ece))) in enumerate(zip(axes, checked.items())):
+    filled = arrays["bin_count"] > 0
+    left = arrays["bin_lower"][filled]
+    width = (arrays["bin_upper"] - arrays["bin_lower"])[filled]
+    accuracy = arrays["bin_accuracy"][filled]
+    confidence = arrays["bin_confidence"][filled]
+    ax.bar(left, accuracy, width=width, align="edge", color="tab:blue",
+           edgecolor="black", linewidth=0.6, label="accuracy")
+    ax.bar(left, confidence - accuracy, bottom=accuracy, width=width, align="edge",
+           color="tab:red", alpha=0.3, edgecolor="tab:red", linewidth=0.6, hatch="//",
+           label="gap to confidence")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("Confidence")
+    ax.set_ylabel("Accuracy")
+    title = method if ece is None else f"{method}  (ECE = {float(ece):.3f})"
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if index == 0:
+      ax.legend(loc="upper left", fontsize="small")
+  for ax in axes[len(checked):]:
+    ax.set_visible(False)
+  return _save(figure, path)
+
+
+def plot_bar_chart(
+    values: Mapping[str, float],
+    path: str | os.PathLike[str],
+    ylabel: str,
+    title: str,
+) -> str:
+  """A bar chart of one number per name (e.g. each method's time per step over SGD's).
+
+  Args:
+    values: ``{name: value}``, finite numbers, drawn in the given order with
+      the value printed above each bar.
+    path: the output file (``.png``).
+    ylabel: the y-axis label.
+    title: the figure title.
+
+  Returns:
+    ``path``, as a string.
+
+  Raises:
+    ValueError: if ``values`` is empty or a value is not a finite number.
+
+  Example:
+    >>> import tempfile, os
+    >>> from experiments import plots
+    >>> out = os.path.join(tempfile.mkdtemp(), "cost.png")
+    >>> plots.plot_bar_chart({"sgd": 1.0, "sam": 2.0}, out, "time / SGD", "Cost") == out
+    True
+  """
+  if not values:
+    raise ValueError("plot_bar_chart: values is empty; pass {name: number}.")
+  names = [str(name) for name in values]
+  numbers = []
+  for name, value in values.items():
+    try:
+      number = float(value)
+    except (TypeError, ValueError):
+      number = math.nan
+    if not math.isfinite(number):
+      raise ValueError(f"plot_bar_chart: values[{name!r}] must be a finite number, got {value!r}.")
+    numbers.append(number)
+
+  figure = Figure(figsize=(max(4.0, 0.8 * len(names) + 1.5), 3.8), layout="constrained")
+  ax = figure.subplots()
+  bars = ax.bar(names, numbers, color=_colors(len(names)), edgecolor="black", linewidth=0.6)
+  ax.bar_label(bars, labels=[f"{v:.3g}" for v in numbers], padding=2, fontsize="small")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.axhline(0.0, color="black", linewidth=0.8)
+  ax.margins(y=0.15)
+  ax.grid(True, axis="y", alpha=0.3)
+  if len(names) > 6 or max(len(n) for n in names) > 8:
+    for label in ax.get_xticklabels():
+      label.set_rotation(30)
+      label.set_horizontalalignment("right")
+  return _save(figure, path)

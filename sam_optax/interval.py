@@ -1,0 +1,269 @@
+"""Interval and stochastic SAM: the sharpness-aware step on some steps only.
+
+``every_k`` and ``with_probability`` wrap any method of the family (``sam``,
+``asam``, ``gsam``, ``csam``, ``looksam``, ``stable_sam(...)``, ...): on the
+chosen steps they run its update, on the others they return the plain
+gradient. The choice is a ``jax.lax.cond``, so on a skipped step the
+re-evaluation does not run on the device at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sam_optax import _ascent
+from sam_optax._ascent import Radius
+from sam_optax.sam import sam
+
+
+class IntervalState(NamedTuple):
+  """State of :func:`every_k`.
+
+  Attributes:
+    count: steps taken.
+    inner: the state of the wrapped method.
+  """
+
+  count: jax.Array
+  inner: Any
+
+
+class StochasticState(NamedTuple):
+  """State of :func:`with_probability`.
+
+  Attributes:
+    count: steps taken.
+    key: the raw ``uint32[2]`` PRNG key; step ``t`` draws with
+      ``jax.random.fold_in(key, t)``.
+    inner: the state of the wrapped method.
+  """
+
+  count: jax.Array
+  key: jax.Array
+  inner: Any
+
+
+def advance_counts(state: Any) -> Any:
+  """``state`` with every NamedTuple field named ``count`` incremented.
+
+  What a skipped step does to the state of the wrapped method: its
+  accumulators stay, its step counters (the argument of ρ schedules) keep
+  following the global step.
+  """
+
+  def advance(path, leaf):
+    last = path[-1] if path else None
+    if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "count":
+      return optax.safe_increment(leaf)
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(advance, state)
+
+
+def _check_inner(method: str, inner: Any) -> optax.GradientTransformationExtraArgs:
+  if not hasattr(inner, "init") or not hasattr(inner, "update"):
+    raise TypeError(
+        f"{method}: inner must be an optax GradientTransformation of this"
+        f" family such as sam_optax.sam(...), got {type(inner).__name__}.")
+  return optax.with_extra_args_support(inner)
+
+
+def _choose(take: jax.Array, inner, updates, inner_state, params, extra_args,
+            axis_name: str | None):
+  """``inner.update`` if ``take``, else the (averaged) plain gradient."""
+
+  def ascent():
+    surrogate, new_state = inner.update(updates, inner_state, params, **extra_args)
+    return _ascent.cast_like(surrogate, updates), new_state
+
+  def skip():
+    return _ascent.mean_over_axis(updates, axis_name), advance_counts(inner_state)
+
+  return cond(take, ascent, skip)
+
+
+def cond(pred: jax.Array, true_fn, false_fn):
+  """``jax.lax.cond``, or a plain ``if`` when ``pred`` is concrete (eager use).
+
+  Eagerly, ``lax.cond`` would compile its freshly built branches on every
+  call; under ``jit`` the conditional runs only the branch taken.
+  """
+  if isinstance(pred, jax.core.Tracer):
+    return jax.lax.cond(pred, true_fn, false_fn)
+  return true_fn() if bool(pred) else false_fn()
+
+
+def every_k(
+    inner: optax.GradientTransformation,
+    k: int,
+    *,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Runs ``inner`` every ``k`` steps (from step 0), the plain gradient otherwise.
+
+  .. math::
+
+    \text{update}_t = \begin{cases} g̃_t \ (\text{inner's surrogate}) & t \bmod k = 0 \\
+                                    g_t & \text{otherwise.} \end{cases}
+
+  Interval SAM ("SAM-k" in Liu et al., CVPR 2022, arXiv:2203.02714; the
+  ``interval`` of MosaicML Composer's SAM) is ``every_k(sam(ρ), k)``, see
+  :func:`interval_sam`. Cost: ``1 + 1/k`` gradient evaluations per step on
+  average; the choice is a ``jax.lax.cond``, so a skipped step does not run
+  the re-evaluation (XLA's ``cost_analysis`` counts a conditional as its
+  most expensive branch, so the compiled flop count equals the inner
+  method's; the average is ``plain + (inner − plain)/k``).
+
+  On a skipped step the inner state is kept, except that its step counters
+  (NamedTuple fields named ``count``) advance, so ρ schedules follow the
+  global step. Give the wrapper the ``axis_name`` of the inner method: the
+  plain gradient of a skipped step is then averaged over that axis like
+  the inner surrogate is.
+
+  Args:
+    inner: a method of this family (or any transform that maps a gradient to
+      a surrogate gradient).
+    k: the interval, an int ≥ 1 (``k=1`` is ``inner`` itself).
+    axis_name: the data-parallel axis the inner method averages over.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with an
+    :class:`IntervalState`; chain it before the base optimizer.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> loss_fn = lambda p, x: jnp.sum(jnp.cos(p * x))
+    >>> tx = optax.chain(
+    ...     sam_optax.every_k(sam_optax.asam(0.5, loss_fn=loss_fn), k=5),
+    ...     optax.sgd(0.05))
+    >>> params, x = jnp.ones(4), jnp.arange(4.0)
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(loss_fn)(params, x=x)
+    >>> updates, state = tx.update(grads, state, params, x=x)
+  """
+  method = "every_k"
+  inner = _check_inner(method, inner)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ValueError(f"{method}: k must be an int >= 1, got k={k!r}.")
+
+  def init(params):
+    return IntervalState(count=jnp.zeros([], jnp.int32), inner=inner.init(params))
+
+  def update(updates, state, params=None, **extra_args):
+    take = state.count % k == 0
+    new_updates, inner_state = _choose(
+        take, inner, updates, state.inner, params, extra_args, axis_name)
+    return new_updates, IntervalState(
+        count=optax.safe_increment(state.count), inner=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def with_probability(
+    inner: optax.GradientTransformation,
+    p: float | optax.Schedule,
+    *,
+    seed: int = 0,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Runs ``inner`` with probability ``p`` per step, the plain gradient otherwise.
+
+  .. math::
+
+    \text{update}_t = \begin{cases} g̃_t \ (\text{inner's surrogate}) & u_t < p_t \\
+                                    g_t & \text{otherwise,} \end{cases}
+    \qquad u_t \sim U[0, 1).
+
+  Stochastic SAM (SS-SAM / RST, Zhao et al., arXiv:2203.09962) is
+  ``with_probability(sam(ρ), p)``, see :func:`stochastic_sam`; ``p`` may be a
+  schedule of the step (the paper's scheduling functions). Cost: ``1 + p``
+  gradient evaluations per step on average (``jax.lax.cond``; see
+  :func:`every_k` for what ``cost_analysis`` reports). ``u_t`` is drawn from
+  ``jax.random.fold_in(key, t)`` with the key in the state, so the draws
+  are reproducible, identical on every device under ``pmap`` (the same
+  branch everywhere) and restored with a checkpoint. A skipped step keeps
+  the inner state except its step counters, as in :func:`every_k`.
+
+  Args:
+    inner: a method of this family.
+    p: the probability in [0, 1] of the inner step, or an optax schedule.
+    seed: the seed of the draws.
+    axis_name: the data-parallel axis the inner method averages over.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with a
+    :class:`StochasticState`; chain it before the base optimizer.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> loss_fn = lambda p, x: jnp.sum(jnp.cos(p * x))
+    >>> p = optax.linear_schedule(0.2, 0.8, transition_steps=1000)
+    >>> tx = optax.chain(
+    ...     sam_optax.with_probability(sam_optax.sam(0.05, loss_fn=loss_fn), p),
+    ...     optax.sgd(0.05))
+    >>> params, x = jnp.ones(4), jnp.arange(4.0)
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(loss_fn)(params, x=x)
+    >>> updates, state = tx.update(grads, state, params, x=x)
+  """
+  method = "with_probability"
+  inner = _check_inner(method, inner)
+  if callable(p):
+    _ascent.check_radius("p", p, method)
+  else:
+    _ascent.check_in_range("p", p, 0.0, 1.0, method)
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise TypeError(f"{method}: seed must be an int, got {seed!r}.")
+
+  def init(params):
+    key = jax.random.key_data(jax.random.key(seed))
+    return StochasticState(
+        count=jnp.zeros([], jnp.int32), key=key, inner=inner.init(params))
+
+  def update(updates, state, params=None, **extra_args):
+    draw_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
+    take = jax.random.uniform(draw_key) < _ascent.radius_at(p, state.count)
+    new_updates, inner_state = _choose(
+        take, inner, updates, state.inner, params, extra_args, axis_name)
+    return new_updates, StochasticState(
+        count=optax.safe_increment(state.count), key=state.key, inner=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def interval_sam(
+    rho: Radius = 0.05, k: int = 5, **sam_kwargs: Any
+) -> optax.GradientTransformationExtraArgs:
+  """Interval SAM: :func:`sam_optax.sam` every ``k`` steps, SGD's gradient otherwise.
+
+  ``every_k(sam(rho, **sam_kwargs), k, axis_name=...)``; see :func:`every_k`.
+  Takes the keywords of :func:`sam_optax.sam`. Cost ``1 + 1/k``.
+
+  Example:
+    >>> import optax, sam_optax
+    >>> tx = optax.chain(sam_optax.interval_sam(0.05, k=5), optax.sgd(0.1))
+  """
+  return every_k(sam(rho, **sam_kwargs), k, axis_name=sam_kwargs.get("axis_name"))
+
+
+def stochastic_sam(
+    rho: Radius = 0.05, p: float | optax.Schedule = 0.5, *, seed: int = 0,
+    **sam_kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """Stochastic SAM: :func:`sam_optax.sam` with probability ``p``, SGD's gradient otherwise.
+
+  ``with_probability(sam(rho, **sam_kwargs), p, seed=seed, axis_name=...)``;
+  see :func:`with_probability`. Takes the keywords of :func:`sam_optax.sam`.
+  Cost ``1 + p``.
+
+  Example:
+    >>> import optax, sam_optax
+    >>> tx = optax.chain(sam_optax.stochastic_sam(0.05, p=0.5), optax.sgd(0.1))
+  """
+  return with_probability(sam(rho, **sam_kwargs), p, seed=seed,
+                          axis_name=sam_kwargs.get("axis_name"))
+
