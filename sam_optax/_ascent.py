@@ -457,7 +457,71 @@ def surrogate_transformation(
     surrogate = mean_over_axis(cast_like(surrogate, updates), axis_name)
     return surrogate, SAMState(count=optax.safe_increment(state.count))
 
+  update.axis_name = axis_name  # read by wrappers such as stable_sam
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def data_axis(transformation: optax.GradientTransformation) -> str | None:
+  """The ``axis_name`` a transform of this family averages over (None if none)."""
+  return getattr(transformation.update, "axis_name", None)
+
+
+def advance_counts(state: Any) -> Any:
+  """``state`` with every NamedTuple field named ``count`` incremented.
+
+  What a skipped step does to the state of the wrapped method: its
+  accumulators stay, its step counters (the argument of ρ schedules) keep
+  following the global step.
+  """
+
+  def advance(path, leaf):
+    last = path[-1] if path else None
+    if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "count":
+      return optax.safe_increment(leaf)
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(advance, state)
+
+
+def cond(pred: jax.Array, true_fn, false_fn):
+  """``jax.lax.cond``, or a plain ``if`` when ``pred`` is concrete (eager use).
+
+  Eagerly, ``lax.cond`` would compile its freshly built branches on every
+  call; under ``jit`` the conditional runs only the branch taken.
+  """
+  if isinstance(pred, jax.core.Tracer):
+    return jax.lax.cond(pred, true_fn, false_fn)
+  return true_fn() if bool(pred) else false_fn()
+
+
+def check_inner(method: str, inner: Any) -> optax.GradientTransformationExtraArgs:
+  """``inner`` as a transform with extra-args support, or a clear TypeError."""
+  if not hasattr(inner, "init") or not hasattr(inner, "update"):
+    raise TypeError(
+        f"{method}: inner must be an optax GradientTransformation of this"
+        f" family such as sam_optax.sam(...), got {type(inner).__name__}.")
+  return optax.with_extra_args_support(inner)
+
+
+def wrapper_axis(
+    method: str, inner: optax.GradientTransformation, axis_name: str | None
+) -> str | None:
+  """The axis of a wrapper around ``inner``: its own, else the inner one's.
+
+  Raises:
+    ValueError: if both are given and differ: the wrapper must average (or
+      renormalize) over the axis the inner surrogate is averaged over, or the
+      devices would drift apart.
+  """
+  inner_axis = data_axis(inner)
+  if axis_name is None:
+    return inner_axis
+  if inner_axis is not None and inner_axis != axis_name:
+    raise ValueError(
+        f"{method}: axis_name={axis_name!r} differs from the inner method's"
+        f" axis_name={inner_axis!r}; a wrapper must use the axis the inner"
+        " surrogate is averaged over.")
+  return axis_name
 
 
 def split_arguments(

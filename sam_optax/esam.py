@@ -194,6 +194,7 @@ def esam(
     surrogate = _ascent.mean_over_axis(_ascent.cast_like(grads, updates), axis_name)
     return surrogate, ESAMState(count=optax.safe_increment(state.count), key=state.key)
 
+  update.axis_name = axis_name
   return optax.GradientTransformationExtraArgs(init, update)
 
 

@@ -47,31 +47,6 @@ class StochasticState(NamedTuple):
   inner: Any
 
 
-def advance_counts(state: Any) -> Any:
-  """``state`` with every NamedTuple field named ``count`` incremented.
-
-  What a skipped step does to the state of the wrapped method: its
-  accumulators stay, its step counters (the argument of ρ schedules) keep
-  following the global step.
-  """
-
-  def advance(path, leaf):
-    last = path[-1] if path else None
-    if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "count":
-      return optax.safe_increment(leaf)
-    return leaf
-
-  return jax.tree_util.tree_map_with_path(advance, state)
-
-
-def _check_inner(method: str, inner: Any) -> optax.GradientTransformationExtraArgs:
-  if not hasattr(inner, "init") or not hasattr(inner, "update"):
-    raise TypeError(
-        f"{method}: inner must be an optax GradientTransformation of this"
-        f" family such as sam_optax.sam(...), got {type(inner).__name__}.")
-  return optax.with_extra_args_support(inner)
-
-
 def _choose(take: jax.Array, inner, updates, inner_state, params, extra_args,
             axis_name: str | None):
   """``inner.update`` if ``take``, else the (averaged) plain gradient."""
@@ -81,20 +56,9 @@ def _choose(take: jax.Array, inner, updates, inner_state, params, extra_args,
     return _ascent.cast_like(surrogate, updates), new_state
 
   def skip():
-    return _ascent.mean_over_axis(updates, axis_name), advance_counts(inner_state)
+    return _ascent.mean_over_axis(updates, axis_name), _ascent.advance_counts(inner_state)
 
-  return cond(take, ascent, skip)
-
-
-def cond(pred: jax.Array, true_fn, false_fn):
-  """``jax.lax.cond``, or a plain ``if`` when ``pred`` is concrete (eager use).
-
-  Eagerly, ``lax.cond`` would compile its freshly built branches on every
-  call; under ``jit`` the conditional runs only the branch taken.
-  """
-  if isinstance(pred, jax.core.Tracer):
-    return jax.lax.cond(pred, true_fn, false_fn)
-  return true_fn() if bool(pred) else false_fn()
+  return _ascent.cond(take, ascent, skip)
 
 
 def every_k(
@@ -120,15 +84,15 @@ def every_k(
 
   On a skipped step the inner state is kept, except that its step counters
   (NamedTuple fields named ``count``) advance, so ρ schedules follow the
-  global step. Give the wrapper the ``axis_name`` of the inner method: the
-  plain gradient of a skipped step is then averaged over that axis like
-  the inner surrogate is.
+  global step. With data parallelism the plain gradient of a skipped step is
+  averaged over the inner method's ``axis_name`` like the inner surrogate.
 
   Args:
     inner: a method of this family (or any transform that maps a gradient to
       a surrogate gradient).
     k: the interval, an int ≥ 1 (``k=1`` is ``inner`` itself).
-    axis_name: the data-parallel axis the inner method averages over.
+    axis_name: the data-parallel axis the inner method averages over; by
+      default the one ``inner`` was built with.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with an
@@ -146,7 +110,8 @@ def every_k(
     >>> updates, state = tx.update(grads, state, params, x=x)
   """
   method = "every_k"
-  inner = _check_inner(method, inner)
+  inner = _ascent.check_inner(method, inner)
+  axis_name = _ascent.wrapper_axis(method, inner, axis_name)
   if isinstance(k, bool) or not isinstance(k, int) or k < 1:
     raise ValueError(f"{method}: k must be an int >= 1, got k={k!r}.")
 
@@ -160,6 +125,7 @@ def every_k(
     return new_updates, IntervalState(
         count=optax.safe_increment(state.count), inner=inner_state)
 
+  update.axis_name = axis_name
   return optax.GradientTransformationExtraArgs(init, update)
 
 
@@ -192,7 +158,8 @@ def with_probability(
     inner: a method of this family.
     p: the probability in [0, 1] of the inner step, or an optax schedule.
     seed: the seed of the draws.
-    axis_name: the data-parallel axis the inner method averages over.
+    axis_name: the data-parallel axis the inner method averages over; by
+      default the one ``inner`` was built with.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
@@ -211,7 +178,8 @@ def with_probability(
     >>> updates, state = tx.update(grads, state, params, x=x)
   """
   method = "with_probability"
-  inner = _check_inner(method, inner)
+  inner = _ascent.check_inner(method, inner)
+  axis_name = _ascent.wrapper_axis(method, inner, axis_name)
   if callable(p):
     _ascent.check_radius("p", p, method)
   else:
@@ -232,6 +200,7 @@ def with_probability(
     return new_updates, StochasticState(
         count=optax.safe_increment(state.count), key=state.key, inner=inner_state)
 
+  update.axis_name = axis_name
   return optax.GradientTransformationExtraArgs(init, update)
 
 
@@ -240,14 +209,14 @@ def interval_sam(
 ) -> optax.GradientTransformationExtraArgs:
   """Interval SAM: :func:`sam_optax.sam` every ``k`` steps, SGD's gradient otherwise.
 
-  ``every_k(sam(rho, **sam_kwargs), k, axis_name=...)``; see :func:`every_k`.
+  ``every_k(sam(rho, **sam_kwargs), k)``; see :func:`every_k`.
   Takes the keywords of :func:`sam_optax.sam`. Cost ``1 + 1/k``.
 
   Example:
     >>> import optax, sam_optax
     >>> tx = optax.chain(sam_optax.interval_sam(0.05, k=5), optax.sgd(0.1))
   """
-  return every_k(sam(rho, **sam_kwargs), k, axis_name=sam_kwargs.get("axis_name"))
+  return every_k(sam(rho, **sam_kwargs), k)
 
 
 def stochastic_sam(
@@ -256,7 +225,7 @@ def stochastic_sam(
 ) -> optax.GradientTransformationExtraArgs:
   """Stochastic SAM: :func:`sam_optax.sam` with probability ``p``, SGD's gradient otherwise.
 
-  ``with_probability(sam(rho, **sam_kwargs), p, seed=seed, axis_name=...)``;
+  ``with_probability(sam(rho, **sam_kwargs), p, seed=seed)``;
   see :func:`with_probability`. Takes the keywords of :func:`sam_optax.sam`.
   Cost ``1 + p``.
 
@@ -264,6 +233,5 @@ def stochastic_sam(
     >>> import optax, sam_optax
     >>> tx = optax.chain(sam_optax.stochastic_sam(0.05, p=0.5), optax.sgd(0.1))
   """
-  return with_probability(sam(rho, **sam_kwargs), p, seed=seed,
-                          axis_name=sam_kwargs.get("axis_name"))
+  return with_probability(sam(rho, **sam_kwargs), p, seed=seed)
 

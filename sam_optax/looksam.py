@@ -11,7 +11,6 @@ import optax
 
 from sam_optax import _ascent
 from sam_optax._ascent import LossFn, Radius
-from sam_optax.interval import advance_counts, cond
 from sam_optax.sam import sam
 
 
@@ -107,8 +106,7 @@ def looksam(
   method = "looksam"
   if isinstance(k, bool) or not isinstance(k, int) or k < 1:
     raise ValueError(f"{method}: k must be an int >= 1, got k={k!r}.")
-  if not isinstance(alpha, (int, float)) or not alpha >= 0 or alpha == float("inf"):
-    raise ValueError(f"{method}: alpha must be finite and >= 0, got alpha={alpha!r}.")
+  _ascent.check_non_negative("alpha", alpha, method)
   _ascent.check_positive("eps", eps, method)
   inner = sam(rho, loss_fn=loss_fn, has_aux=has_aux, axis_name=axis_name,
               batch_splits=batch_splits, batch_argnames=batch_argnames,
@@ -136,11 +134,12 @@ def looksam(
       scale = alpha * _ascent.global_norm(grads) / (
           _ascent.global_norm(state.orthogonal) + eps)
       return (_ascent.scaled_sum(grads, scale, state.orthogonal, like=updates),
-              state.orthogonal, advance_counts(state.inner))
+              state.orthogonal, _ascent.advance_counts(state.inner))
 
-    surrogate, orthogonal, inner_state = cond(state.count % k == 0, sam_step, reuse_step)
+    surrogate, orthogonal, inner_state = _ascent.cond(state.count % k == 0, sam_step, reuse_step)
     return surrogate, LookSAMState(
         count=optax.safe_increment(state.count), orthogonal=orthogonal,
         inner=inner_state)
 
+  update.axis_name = axis_name
   return optax.GradientTransformationExtraArgs(init, update)

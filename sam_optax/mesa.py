@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _ascent
-from sam_optax.interval import cond
 from sam_optax.losses import TrajectoryTarget
 from sam_optax.saf import (TrajectorySchedule, example_mask_or_ones, find_state,
                            make_schedule)
@@ -293,7 +292,7 @@ def mesa_target(
   weight = state.schedule.weight(state.count)
   run = lambda: jax.lax.stop_gradient(jnp.asarray(teacher(), jnp.float32))
   skip = lambda: jnp.zeros(shape.shape, jnp.float32)
-  logits = cond(weight > 0, run, skip)
+  logits = _ascent.cond(weight > 0, run, skip)
   mask = example_mask_or_ones("mesa_target", example_mask, shape.shape[0])
   return TrajectoryTarget(
       logits=logits, mask=mask.astype(jnp.float32), weight=weight,

@@ -28,14 +28,17 @@ def stable_sam(
   uses the unnormalized ascent (``sam_optax.usam``, e.g. ρ = 0.05 with
   lr 0.05); the normalized one works too.
 
-  With data parallelism give the wrapper the ``axis_name`` of the inner
-  method: the inner surrogate is averaged across the axis, so ``‖g‖`` is taken
-  of the averaged incoming gradient, the gradient of the whole batch.
+  With data parallelism the inner surrogate is averaged across the inner
+  method's ``axis_name``, so ``‖g‖`` is taken of the incoming gradient
+  averaged across the same axis: the gradient of the whole batch, the same
+  on every device. The wrapper reads the axis from ``inner``.
 
   Args:
     inner: a transform of this family (or any ``GradientTransformation``
       that maps a gradient to a surrogate gradient).
-    axis_name: the data-parallel axis the inner method averages over.
+    axis_name: the data-parallel axis the inner method averages over; by
+      default the ``axis_name`` ``inner`` was built with. Only needed for an
+      ``inner`` from outside this library.
     eps: δ, added to ``‖g̃‖``.
 
   Returns:
@@ -59,17 +62,14 @@ def stable_sam(
     >>> bool(jnp.allclose(optax.tree.norm(updates), 0.05 * optax.tree.norm(grads)))
     True
   """
-  if not hasattr(inner, "init") or not hasattr(inner, "update"):
-    raise TypeError(
-        "stable_sam: inner must be an optax GradientTransformation such as"
-        f" sam_optax.sam(...), got {type(inner).__name__}."
-    )
+  inner = _ascent.check_inner("stable_sam", inner)
   _ascent.check_positive("eps", eps, "stable_sam")
-  inner = optax.with_extra_args_support(inner)
+  axis_name = _ascent.wrapper_axis("stable_sam", inner, axis_name)
 
   def update(updates, state, params=None, **extra_args):
     surrogate, state = inner.update(updates, state, params, **extra_args)
     exact = _ascent.mean_over_axis(updates, axis_name)
     return _ascent.rescale_to_norm(surrogate, exact, eps), state
 
+  update.axis_name = axis_name
   return optax.GradientTransformationExtraArgs(inner.init, update)

@@ -268,3 +268,36 @@ def test_unbound_axis_name_is_a_clear_error(problem):
   grads = jax.grad(loss_fn)(params, batch)
   with pytest.raises(ValueError, match=r"axis_name='devices' is not bound"):
     jax.jit(tx.update)(grads, tx.init(params), params, batch=batch)
+
+
+@pytest.mark.parametrize("wrap, second_step_is_plain", [
+    (lambda inner: sam_optax.every_k(inner, 2), True),
+    (lambda inner: sam_optax.with_probability(inner, 0.5, seed=3), False),
+    (sam_optax.stable_sam, False),
+])
+def test_wrappers_take_the_inner_axis_and_keep_devices_in_step(problem, wrap, second_step_is_plain):
+  """A wrapper without its own axis_name uses the inner method's: on steps
+  that skip the inner method the plain gradient is averaged too, so every
+  device applies the same update."""
+  params, batch = problem
+  tx = wrap(METHODS["sam"](axis_name=AXIS))
+
+  def two_steps(params, state, batch):
+    grads = jax.grad(loss_fn)(params, batch)
+    first, state = tx.update(grads, state, params, batch=batch)
+    second, state = tx.update(grads, state, params, batch=batch)
+    return first, second
+
+  outs = jax.pmap(two_steps, axis_name=AXIS)(
+      replicate(params), replicate(tx.init(params)), shards(batch))
+  whole_batch_grad = jax.grad(loss_fn)(params, batch)
+  for leaf in jax.tree.leaves(outs):
+    np.testing.assert_allclose(leaf, jnp.broadcast_to(leaf[0], leaf.shape), rtol=1e-6, atol=1e-7)
+  if second_step_is_plain:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-7),
+                 outs[1], whole_batch_grad)
+
+
+def test_a_wrapper_with_another_axis_is_an_error():
+  with pytest.raises(ValueError, match="differs from the inner method's"):
+    sam_optax.every_k(METHODS["sam"](axis_name=AXIS), 2, axis_name="other")
