@@ -5,6 +5,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -36,3 +37,33 @@ def test_quick_start_runs_and_trains():
   start = {"w": jnp.zeros(3), "b": jnp.zeros(())}
   assert float(loss_fn(params, batch)) < 0.1 * float(loss_fn(start, batch))
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+
+
+class _Linear:
+  """A stand-in for a Flax model: ``apply(params, x, train=...)``."""
+
+  @staticmethod
+  def apply(params, x, train=True):
+    del train
+    return x @ params["kernel"]
+
+
+def test_saf_training_step_runs_as_written():
+  block = re.search(r"## Sharpness-aware training for free.*?```python\n(.*?)```", README,
+                    flags=re.DOTALL).group(1)
+  n, c, steps_per_epoch = 8, 3, 2
+  namespace = {"jax": jax, "optax": __import__("optax"), "sam_optax": __import__("sam_optax"),
+               "N": n, "C": c, "S": steps_per_epoch, "lr": 0.1, "model": _Linear}
+  exec(compile(block, "README SAF step", "exec"), namespace)  # pylint: disable=exec-used
+  tx, train_step = namespace["tx"], namespace["train_step"]
+  params = {"kernel": jax.random.normal(jax.random.key(1), (4, c))}
+  opt_state = tx.init(params)
+  x = jax.random.normal(jax.random.key(0), (n, 4))
+  batch = {"x": x[:4], "y": jnp.arange(4) % c, "index": jnp.arange(4) + 2}
+  logits = _Linear.apply(params, batch["x"])
+  new_params, opt_state = train_step(params, opt_state, batch)
+  saf_state = [s for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda s: isinstance(s, namespace["sam_optax"].SAFState))
+      if isinstance(s, namespace["sam_optax"].SAFState)][0]
+  np.testing.assert_allclose(saf_state.bank[0, 2:6], logits, rtol=1e-6)  # epoch 0's slot
+  assert not np.allclose(new_params["kernel"], params["kernel"])
