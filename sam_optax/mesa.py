@@ -300,11 +300,15 @@ def mesa_target(
 
 
 def _widen(x: Any) -> jax.Array:
-  """Floating leaves in float32 or wider; other leaves as they are."""
+  """A copy of ``x``: floating leaves in float32 or wider, others as they are.
+
+  Always a new buffer, so that a step that donates the optimizer state never
+  donates the parameters' buffer a second time.
+  """
   x = jnp.asarray(x)
   if jnp.issubdtype(x.dtype, jnp.floating):
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  return x
+    return jnp.array(x, dtype=jnp.promote_types(x.dtype, jnp.float32), copy=True)
+  return jnp.array(x, copy=True)
 
 
 def _fold(rate: jax.Array, ema: Any, current: Any, what: str) -> Any:

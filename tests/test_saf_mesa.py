@@ -569,3 +569,26 @@ class VariantsTest(chex.TestCase):
       with self.subTest(name):
         chex.assert_trees_all_close(to_numpy(history[-1]), expected[-1],
                                     **TOL)
+
+
+def test_mesa_ema_starts_as_a_copy_not_an_alias_of_the_params():
+  """A jitted step that donates the optimizer state must not also donate the
+  parameters' buffers through the EMA."""
+  params = {"w": jnp.arange(4.0), "b": jnp.zeros((2,), jnp.float32)}
+  tx = optax.chain(sam_optax.mesa(steps_per_epoch=1, start_epoch=0), optax.sgd(0.1))
+  state = tx.init(params)
+  ema = sam_optax.mesa_params(state, params)
+  chex.assert_trees_all_equal(ema, params)
+  mesa_state = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, sam_optax.MESAState))
+                if isinstance(s, sam_optax.MESAState)][0]
+  for kept, given in zip(jax.tree.leaves(mesa_state.ema_params), jax.tree.leaves(params)):
+    assert kept.unsafe_buffer_pointer() != given.unsafe_buffer_pointer()
+
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def step(params, state):
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  new_params, _ = step(params, state)
+  assert float(new_params["w"][0]) == pytest.approx(-0.1)

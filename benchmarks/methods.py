@@ -1,0 +1,467 @@
+"""The method table: every method to benchmark, as a training step on a :class:`Task`.
+
+A :class:`Method` builds a :class:`Program` for a task: ``init()`` gives the
+training state (parameters, BatchNorm statistics, optimizer state) and
+``step(state, batch) -> (state, loss)`` is one call of the user's jitted
+training step. Every step is the canonical one of the library::
+
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, ...)
+  updates, opt_state = tx.update(grads, opt_state, params, batch=..., batch_stats=...)
+  params = optax.apply_updates(params, updates)
+
+with the same base optimizer (SGD, momentum 0.9) after every method, so the
+only difference between two rows of the table is the method.
+
+With ``axis_name`` (the device-scaling study) the step runs inside
+``shard_map`` over a mesh axis of that name, the batch split across devices:
+SGD averages its gradient across the axis, the SAM methods perturb with the
+local gradient and average their surrogate gradient once (m-sharpness).
+
+The methods of sam_optax that another module may not have yet (SAF, MESA,
+LookSAM, interval and stochastic SAM, ESAM) enter the table only when
+``hasattr(sam_optax, name)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import sam_optax
+from sam_optax._ascent import mean_over_axis
+from benchmarks.tasks import Batch, Task
+
+LEARNING_RATE = 0.01
+MOMENTUM = 0.9
+RHO = 0.05
+CYCLE = 5           # k of LookSAM and interval SAM
+PROBABILITY = 0.2   # p of stochastic SAM: the same expected cost as k = 5
+ESAM_GAMMA = 0.5    # γ of ESAM: the fraction of the batch in the second gradient
+
+State = Any
+StepFn = Callable[[State, Batch], tuple[State, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """A training step ready to compile.
+
+  Attributes:
+    init: ``init() -> state``, the training state before the first step.
+    step: ``step(state, batch) -> (state, loss)``, one call.
+    calls_per_step: calls that make one full step of the method (2 for the
+      transparent mode of ``optax.contrib.sam``, which takes its ascent and
+      its descent in two separate calls).
+  """
+
+  init: Callable[[], State]
+  step: StepFn
+  calls_per_step: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A row of the benchmark.
+
+  Attributes:
+    name: the row's name.
+    group: ``baseline``, ``sam_optax`` or ``alternative``.
+    build: ``build(task, axis_name) -> Program``.
+    gradients: theoretical gradient evaluations per step (SGD = 1).
+    forwards: theoretical extra forward passes (without gradient) per step;
+      a forward costs ``fwd/grad`` of a gradient evaluation, measured.
+    phases: for a method whose step is a ``lax.cond`` on its step count,
+      ``((weight, steps_taken), ...)``: the flops are the weighted mean of the
+      flops of the step taken after ``steps_taken`` steps (the count folded
+      into the program, so XLA keeps only the branch that runs; ``None``:
+      the costliest branch, XLA's count of the program as it is). A method
+      with one ``lax.cond`` whose costly branch is the one timed (MESA's
+      teacher forward, on from the second step) needs no phases.
+    branches_like: ``(other, p)`` for a method that takes the same two
+      ``lax.cond`` branches as ``other`` (whose ``phases`` measure them: the
+      full step first, the cheap one second) with probability ``p`` drawn at
+      random, which XLA cannot fold: its flops are ``p · full + (1 − p) ·
+      cheap`` plus its own extra flops (its costliest-branch count minus
+      ``other``'s).
+    sharded: whether the method is part of the scaling studies (width and
+      device count; SGD and SAM by default).
+    note: what to know when reading the row.
+  """
+
+  name: str
+  group: str
+  build: Callable[[Task, str | None], Program]
+  gradients: float
+  forwards: float = 0.0
+  phases: tuple[tuple[float, int | None], ...] = ()
+  branches_like: tuple[str, float] | None = None
+  sharded: bool = False
+  note: str = ""
+
+  def theory(self, forward_fraction: float) -> float:
+    """Theoretical cost in gradient evaluations, a forward = ``forward_fraction``."""
+    return self.gradients + self.forwards * forward_fraction
+
+
+def base_optimizer() -> optax.GradientTransformation:
+  """The base optimizer after every method: SGD with momentum."""
+  return optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
+
+
+def _initial_state(task: Task, tx: optax.GradientTransformation) -> Callable[[], State]:
+  return lambda: (task.params, task.batch_stats, tx.init(task.params))
+
+
+def _finish(params, updates, new_stats, opt_state, loss, axis_name):
+  """The end of every step: apply the updates, sync the statistics and loss."""
+  params = optax.apply_updates(params, updates)
+  new_stats = mean_over_axis(new_stats, axis_name)
+  return (params, new_stats, opt_state), mean_over_axis(loss, axis_name)
+
+
+def training_program(
+    task: Task,
+    tx: optax.GradientTransformation,
+    axis_name: str | None,
+    *,
+    mean_gradient: bool,
+) -> Program:
+  """The canonical training step with transformation ``tx``.
+
+  ``mean_gradient``: average the gradient across ``axis_name`` before ``tx``
+  (SGD); the SAM methods take the local gradient and average their output.
+  """
+  tx = optax.with_extra_args_support(tx)
+
+  def step(state, batch):
+    params, batch_stats, opt_state = state
+    (loss, (new_stats, _)), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+        params, batch=batch, batch_stats=batch_stats)
+    if mean_gradient:
+      grads = mean_over_axis(grads, axis_name)
+    updates, opt_state = tx.update(
+        grads, opt_state, params, batch=batch, batch_stats=batch_stats)
+    return _finish(params, updates, new_stats, opt_state, loss, axis_name)
+
+  return Program(_initial_state(task, tx), step)
+
+
+def chained(
+    make: Callable[[Task, str | None], optax.GradientTransformation],
+) -> Callable[[Task, str | None], Program]:
+  """``optax.chain(make(task, axis_name), base_optimizer())`` as a program."""
+
+  def build(task: Task, axis_name: str | None = None) -> Program:
+    tx = optax.chain(make(task, axis_name), base_optimizer())
+    return training_program(task, tx, axis_name, mean_gradient=False)
+
+  return build
+
+
+def sgd(task: Task, axis_name: str | None = None) -> Program:
+  """Plain SGD with momentum: the unit of every ratio."""
+  return training_program(task, base_optimizer(), axis_name, mean_gradient=True)
+
+
+# --------------------------------------------------------------------------
+# The alternatives a user would otherwise pick.
+# --------------------------------------------------------------------------
+
+
+def fused_sam(task: Task, axis_name: str | None = None) -> Program:
+  """SAM written by hand in plain JAX: both passes in one jitted function.
+
+  The reference a library cannot beat: ``g = ∇L(w)``,
+  ``ŵ = w + ρ g / (‖g‖ + δ)``, ``g̃ = ∇L(ŵ)``, SGD on ``g̃``, with no
+  optimizer machinery around the ascent.
+  """
+  base = base_optimizer()
+  grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+
+  def step(state, batch):
+    params, batch_stats, opt_state = state
+    (loss, (new_stats, _)), grads = grad_fn(params, batch, batch_stats)
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    scale = RHO / (norm + 1e-12)
+    perturbed = jax.tree.map(lambda w, g: w + scale * g, params, grads)
+    _, sam_grads = grad_fn(perturbed, batch, batch_stats)
+    sam_grads = mean_over_axis(sam_grads, axis_name)
+    updates, opt_state = base.update(sam_grads, opt_state, params)
+    return _finish(params, updates, new_stats, opt_state, loss, axis_name)
+
+  return Program(_initial_state(task, base), step)
+
+
+def _contrib_sam(opaque: bool, axis_name: str | None) -> optax.GradientTransformation:
+  adversary = optax.chain(optax.contrib.normalize(), optax.sgd(RHO))
+  return optax.contrib.sam(base_optimizer(), adversary, sync_period=2,
+                           opaque_mode=opaque, batch_axis_name=axis_name)
+
+
+def contrib_sam_opaque(task: Task, axis_name: str | None = None) -> Program:
+  """``optax.contrib.sam(..., opaque_mode=True)``: one call per SAM step.
+
+  The update re-evaluates the gradient through the ``grad_fn`` it is given.
+  """
+  tx = _contrib_sam(True, axis_name)
+
+  def step(state, batch):
+    params, batch_stats, opt_state = state
+    (loss, (new_stats, _)), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+        params, batch, batch_stats)
+    grad_fn = lambda point, _: jax.grad(  # noqa: E731
+        lambda p: task.loss_fn(p, batch, batch_stats)[0])(point)
+    updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
+    return _finish(params, updates, new_stats, opt_state, loss, axis_name)
+
+  return Program(_initial_state(task, tx), step)
+
+
+def contrib_sam_transparent(task: Task, axis_name: str | None = None) -> Program:
+  """``optax.contrib.sam`` in its default, transparent mode.
+
+  Each call is an ordinary training step (one gradient, one update); the
+  ascent and the descent alternate between calls, so one SAM step takes two
+  calls (and two batches). Timed and counted per full SAM step: two calls.
+  """
+  if axis_name is not None:
+    raise ValueError("contrib_sam_transparent is benchmarked on one device only.")
+  tx = _contrib_sam(False, None)
+
+  def step(state, batch):
+    params, batch_stats, opt_state = state
+    (loss, (new_stats, _)), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
+        params, batch, batch_stats)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return _finish(params, updates, new_stats, opt_state, loss, None)
+
+  return Program(_initial_state(task, tx), step, calls_per_step=2)
+
+
+# --------------------------------------------------------------------------
+# The methods of sam_optax.
+# --------------------------------------------------------------------------
+
+
+def _loss_kwargs(task: Task, axis_name: str | None) -> dict[str, Any]:
+  return {"loss_fn": task.loss_fn, "has_aux": True, "axis_name": axis_name}
+
+
+def _sam(task, axis_name):
+  return sam_optax.sam(RHO, **_loss_kwargs(task, axis_name))
+
+
+def _usam(task, axis_name):
+  return sam_optax.usam(RHO, **_loss_kwargs(task, axis_name))
+
+
+def _asam(task, axis_name):
+  return sam_optax.asam(0.5, **_loss_kwargs(task, axis_name))
+
+
+def _gsam(task, axis_name):
+  return sam_optax.gsam(RHO, alpha=0.1, **_loss_kwargs(task, axis_name))
+
+
+def _bsam(task, axis_name):
+  return sam_optax.bsam(RHO, RHO, **_loss_kwargs(task, axis_name))
+
+
+def _csam(task, axis_name):
+  return sam_optax.csam(RHO, gamma=1.0, logits_fn=task.logits_fn, axis_name=axis_name)
+
+
+def _stable(inner):
+  def make(task, axis_name):
+    return sam_optax.stable_sam(inner(task, axis_name), axis_name=axis_name)
+  return make
+
+
+CORE_METHODS: tuple[Method, ...] = (
+    Method("sgd", "baseline", sgd, 1, sharded=True),
+    Method("sam", "sam_optax", chained(_sam), 2, sharded=True),
+    Method("usam", "sam_optax", chained(_usam), 2),
+    Method("asam", "sam_optax", chained(_asam), 2),
+    Method("gsam", "sam_optax", chained(_gsam), 2),
+    Method("bsam", "sam_optax", chained(_bsam), 3),
+    Method("csam", "sam_optax", chained(_csam), 2,
+           note="descent gradient of the calibrated loss"),
+    Method("stable_sam(sam)", "sam_optax", chained(_stable(_sam)), 2),
+    Method("stable_sam(usam)", "sam_optax", chained(_stable(_usam)), 2),
+)
+
+ALTERNATIVES: tuple[Method, ...] = (
+    Method("hand-written fused SAM", "alternative", fused_sam, 2,
+           note="plain JAX, both passes in one jitted function"),
+    Method("optax.contrib.sam (opaque)", "alternative", contrib_sam_opaque, 2,
+           note="opaque_mode=True, grad_fn"),
+    Method("optax.contrib.sam (transparent)", "alternative", contrib_sam_transparent, 2,
+           note="2 update calls (and 2 batches) per SAM step; counted per SAM step"),
+)
+
+
+# --------------------------------------------------------------------------
+# The efficient methods: their training steps differ from the canonical one.
+# --------------------------------------------------------------------------
+
+
+def _steps_per_epoch(task: Task) -> int:
+  return -(-task.num_examples // task.batch["y"].shape[0])
+
+
+def saf_program(task: Task, axis_name: str | None = None) -> Program:
+  """SAF's step (its docstring's): one forward + backward, the KL in the loss.
+
+  ``saf_target`` reads the bank before the forward pass; the trajectory loss
+  joins the task loss; ``update`` stores this step's logits. The bank holds
+  ``Ẽ + 1 = 4`` epochs of logits of ``task.num_examples`` examples.
+  """
+  tx = optax.chain(
+      sam_optax.saf(task.num_examples, task.num_classes, _steps_per_epoch(task),
+                    axis_name=axis_name),
+      base_optimizer())
+
+  def step(state, batch):
+    params, batch_stats, opt_state = state
+    target = sam_optax.saf_target(opt_state, batch["index"])
+    (loss, (new_stats, logits)), grads = _with_trajectory_loss(task, target)(
+        params, batch, batch_stats)
+    grads = mean_over_axis(grads, axis_name)
+    updates, opt_state = tx.update(grads, opt_state, params, logits=logits,
+                                   example_index=batch["index"])
+    return _finish(params, updates, new_stats, opt_state, loss, axis_name)
+
+  return Program(_initial_state(task, tx), step)
+
+
+def _with_trajectory_loss(task: Task, target: Any):
+  """``value_and_grad`` of the task loss plus SAF / MESA's trajectory loss."""
+
+  def loss_fn(params, batch, batch_stats):
+    loss, (new_stats, logits) = task.loss_fn(params, batch, batch_stats)
+    return loss + sam_optax.losses.trajectory_loss(logits, target), (new_stats, logits)
+
+  return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+def mesa_program(task: Task, axis_name: str | None = None) -> Program:
+  """MESA's step (its docstring's): SAF's, the target from the EMA model.
+
+  The EMA weights (and BatchNorm statistics) run one forward in evaluation
+  mode, without gradient. The loss is on from the second step
+  (``steps_per_epoch=1, start_epoch=0``), so every timed step pays the EMA
+  forward that ``mesa_target`` skips with a ``lax.cond`` while it is off.
+  """
+  model_state = task.batch_stats if task.has_batch_stats else None
+  tx = optax.chain(
+      sam_optax.mesa(steps_per_epoch=1, start_epoch=0, model_state=model_state),
+      base_optimizer())
+
+  def step(state, batch):
+    params, batch_stats, opt_state = state
+    tracked = {} if model_state is None else {"model_state": batch_stats}
+
+    def teacher(ema_params, ema_stats=batch_stats):
+      return task.forward(ema_params, ema_stats, batch["x"], train=False)[0]
+
+    target = sam_optax.mesa_target(opt_state, params, teacher, **tracked)
+    (loss, (new_stats, _)), grads = _with_trajectory_loss(task, target)(
+        params, batch, batch_stats)
+    grads = mean_over_axis(grads, axis_name)
+    updates, opt_state = tx.update(grads, opt_state, params, **tracked)
+    return _finish(params, updates, new_stats, opt_state, loss, axis_name)
+
+  return Program(_initial_state(task, tx), step)
+
+
+def esam_program(task: Task, axis_name: str | None = None) -> Program:
+  """ESAM's step (its docstring's): per-example losses, passed to ``update``.
+
+  The training step's forward gives ``ℓ_i(w)`` (``per_example_losses``), so
+  ``update`` runs one forward at ``w + ε`` and one forward and backward on
+  the ``⌈γB⌉`` examples of highest sharpness.
+  """
+  tx = optax.chain(
+      sam_optax.esam(RHO, beta=0.5, gamma=ESAM_GAMMA, loss_fn=task.per_example_loss_fn,
+                     has_aux=True, axis_name=axis_name),
+      base_optimizer())
+
+  def mean_loss(params, batch, batch_stats):
+    losses, aux = task.per_example_loss_fn(params, batch, batch_stats)
+    return losses.mean(), (losses, aux)
+
+  def step(state, batch):
+    params, batch_stats, opt_state = state
+    (loss, (losses, (new_stats, _))), grads = jax.value_and_grad(mean_loss, has_aux=True)(
+        params, batch, batch_stats)
+    updates, opt_state = tx.update(grads, opt_state, params, batch=batch,
+                                   batch_stats=batch_stats, per_example_losses=losses)
+    return _finish(params, updates, new_stats, opt_state, loss, axis_name)
+
+  return Program(_initial_state(task, tx), step)
+
+
+def _looksam(task, axis_name):
+  return sam_optax.looksam(RHO, k=CYCLE, alpha=0.7, **_loss_kwargs(task, axis_name))
+
+
+def _interval_sam(task, axis_name):
+  return sam_optax.interval_sam(RHO, k=CYCLE, **_loss_kwargs(task, axis_name))
+
+
+def _stochastic_sam(task, axis_name):
+  return sam_optax.stochastic_sam(RHO, p=PROBABILITY, **_loss_kwargs(task, axis_name))
+
+
+# Phases of a method that takes its SAM step when ``count % k == 0``: the SAM
+# step (weight 1/k), XLA's count of the costliest branch, and the step after
+# 1 step (a cheap one, the k − 1 others are alike), its count folded.
+EVERY_K_PHASES = ((1 / CYCLE, None), (1 - 1 / CYCLE, 1))
+
+
+def optional_methods() -> tuple[Method, ...]:
+  """Rows for the efficient methods, for those sam_optax already has."""
+  rows = []
+  if hasattr(sam_optax, "saf"):
+    rows.append(Method(
+        "saf", "sam_optax", saf_program, 1,
+        note="KL to the logit bank joins the single backward pass"))
+  if hasattr(sam_optax, "mesa"):
+    rows.append(Method(
+        "mesa", "sam_optax", mesa_program, 1, forwards=1,
+        note="plus one forward of the EMA weights (evaluation mode)"))
+  if hasattr(sam_optax, "looksam"):
+    rows.append(Method(
+        "looksam", "sam_optax", chained(_looksam), 1 + 1 / CYCLE, phases=EVERY_K_PHASES,
+        note=f"k = {CYCLE}, α = 0.7"))
+  if hasattr(sam_optax, "interval_sam"):
+    rows.append(Method(
+        "interval_sam", "sam_optax", chained(_interval_sam), 1 + 1 / CYCLE,
+        phases=EVERY_K_PHASES, note=f"k = {CYCLE}"))
+  if hasattr(sam_optax, "stochastic_sam"):
+    rows.append(Method(
+        "stochastic_sam", "sam_optax", chained(_stochastic_sam), 1 + PROBABILITY,
+        branches_like=("interval_sam", PROBABILITY),
+        note=f"p = {PROBABILITY}"))
+  if hasattr(sam_optax, "esam"):
+    rows.append(Method(
+        "esam", "sam_optax", esam_program, 1 + ESAM_GAMMA, forwards=1,
+        note=f"β = 0.5, γ = {ESAM_GAMMA}: a forward at w + ε, a gradient on γB examples"))
+  return tuple(rows)
+
+
+def method_table(names: list[str] | None = None) -> tuple[Method, ...]:
+  """Every row, in table order; ``names`` selects some (``sgd`` is always in)."""
+  table = CORE_METHODS[:1] + ALTERNATIVES + CORE_METHODS[1:] + optional_methods()
+  if names is None:
+    return table
+  known = {m.name: m for m in table}
+  unknown = sorted(set(names) - set(known))
+  if unknown:
+    raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(known)}.")
+  return tuple(m for m in table if m.name == "sgd" or m.name in names)

@@ -1,0 +1,1 @@
+"""Configs: one ``get_config()`` file per reproduced setting (``--config FILE``)."""

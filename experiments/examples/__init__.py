@@ -1,0 +1,1 @@
+"""Runnable examples: SAM with Flax linen (TrainState) and with Flax NNX (nnx.Optimizer)."""

@@ -1,0 +1,167 @@
+"""Smoke tests of benchmarks/: the harness runs, counts what it should, writes its files.
+
+No timed assertion: the step times of a shared CI machine mean nothing. What
+is checked is what XLA reports about the compiled programs (flops, matmul
+counts, memory), which does not depend on the machine's load.
+"""
+
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+import sam_optax
+from benchmarks import measure, methods, report, run, tasks
+
+
+class TinyMLP(nn.Module):
+  """6 → 8 → 3, ReLU: compiles in a fraction of a second; its activations
+  (batch 64) outweigh its parameters, as in a real network."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+
+
+@pytest.fixture(scope="module")
+def task():
+  return tasks.make_task("tiny", "a 6-8-3 MLP, batch 64", TinyMLP(), (6,), 3,
+                         batch_size=64, num_examples=128)
+
+
+@pytest.fixture(scope="module")
+def table():
+  return methods.method_table()
+
+
+@pytest.fixture(scope="module")
+def compiled(task, table):
+  results = measure.measure_methods(task, table)
+  measure.time_interleaved([c.runner for c in results.values()], rounds=2, window=1)
+  return results
+
+
+@pytest.fixture(scope="module")
+def rows(compiled, table, task):
+  return report.task_rows(compiled, table, task.param_bytes, measure.forward_fraction(task))
+
+
+def test_table_has_every_method_of_the_library(table):
+  names = {m.name for m in table}
+  assert {"sgd", "sam", "usam", "asam", "gsam", "bsam", "csam", "stable_sam(sam)",
+          "stable_sam(usam)", "hand-written fused SAM", "optax.contrib.sam (opaque)",
+          "optax.contrib.sam (transparent)"} <= names
+  for name in ("saf", "mesa", "looksam", "interval_sam", "stochastic_sam", "esam"):
+    assert (name in names) == hasattr(sam_optax, name)
+
+
+def test_method_table_rejects_unknown_names():
+  with pytest.raises(ValueError, match="unknown method"):
+    methods.method_table(["sam", "no_such_method"])
+
+
+def test_every_method_trains_and_is_measured(rows, compiled):
+  for r in rows:
+    assert math.isfinite(r["final_loss"]), r["method"]
+    assert r["flops"] > 0 and r["memory"]["peak"] > 0, r["method"]
+    assert len(r["samples"]) == 2 and all(t > 0 for t in r["samples"]), r["method"]
+  # The state is donated: every state buffer is written in place.
+  for name, c in compiled.items():
+    assert c.memory["alias"] > 0, name
+
+
+def test_sam_re_evaluates_once_and_costs_two_gradients(compiled, rows):
+  by_name = {r["method"]: r for r in rows}
+  sgd = compiled["sgd"].hlo["matmuls"]
+  # One re-evaluation: exactly twice SGD's dots (no recomputed forward).
+  for name in ("sam", "hand-written fused SAM", "optax.contrib.sam (opaque)"):
+    assert compiled[name].hlo["matmuls"] == 2 * sgd, name
+  assert compiled["bsam"].hlo["matmuls"] == 3 * sgd
+  assert by_name["sam"]["flops_ratio"] == pytest.approx(2.0, rel=0.1)
+  assert by_name["bsam"]["flops_ratio"] == pytest.approx(3.0, rel=0.1)
+  # Two update calls make one SAM step of the transparent mode.
+  transparent = compiled["optax.contrib.sam (transparent)"]
+  assert transparent.runner.calls_per_step == 2
+  assert transparent.flops == 2 * measure.flops_of(transparent.runner.compiled)
+
+
+def test_bsam_runs_its_passes_one_after_the_other(compiled, task):
+  # Run together, the two re-evaluations would hold both passes' activations
+  # (here ~16 parameter copies more than SAM); one after the other, BSAM keeps
+  # only a few more gradients than SAM.
+  extra = compiled["bsam"].memory["temp"] - compiled["sam"].memory["temp"]
+  assert extra <= 5 * task.param_bytes
+
+
+@pytest.mark.skipif(not hasattr(sam_optax, "interval_sam"), reason="no interval_sam yet")
+def test_conditional_methods_are_counted_per_branch(compiled):
+  interval = compiled["interval_sam"]
+  full, cheap = interval.phase_flops
+  sam, sgd = compiled["sam"].flops, compiled["sgd"].flops
+  # XLA counts the costliest branch; folding the step count leaves the cheap one.
+  assert full == interval.max_flops
+  assert full == pytest.approx(sam, rel=0.05)
+  assert cheap == pytest.approx(sgd, rel=0.05)
+  k = methods.CYCLE
+  assert interval.flops == pytest.approx(full / k + cheap * (k - 1) / k)
+
+
+def test_folded_flops_sees_the_branch_taken():
+  def step(state, batch):
+    x = jax.lax.cond(state["count"] % 2 == 0, lambda x: x @ x @ x, lambda x: x + 1.0,
+                     state["x"])
+    return {"count": state["count"] + 1, "x": x}, batch
+
+  x = jnp.ones((16, 16))
+  full = measure.folded_flops(step, {"count": jnp.int32(0), "x": x}, jnp.zeros(()))
+  cheap = measure.folded_flops(step, {"count": jnp.int32(1), "x": x}, jnp.zeros(()))
+  assert full >= 2 * 2 * 16**3
+  assert cheap < 16 * 16 * 2
+
+
+def test_memory_peak_is_arguments_outputs_and_temp():
+  compiled = jax.jit(lambda x: jnp.tanh(x @ x) @ x).lower(jnp.ones((64, 64))).compile()
+  memory = measure.memory_of(compiled)
+  assert memory["argument"] == 64 * 64 * 4
+  assert memory["output"] == 64 * 64 * 4
+  assert memory["peak"] == (memory["argument"] + memory["output"] - memory["alias"]
+                            + memory["temp"])
+
+
+def test_targets_and_markdown(rows, task):
+  entry = {"name": task.name, "description": task.description, "num_params": task.num_params,
+           "param_bytes": task.param_bytes, "forward_fraction": 0.3, "rounds": 2,
+           "window": 1, "rows": rows}
+  targets = report.check_targets(entry)
+  by_target = {t["target"]: t for t in targets}
+  assert "sam flops ≤ 2.05× SGD" in by_target
+  assert all(isinstance(t["met"], bool) for t in targets)
+  table = report.task_table(entry)
+  for r in rows:
+    assert f"| {r['method']} |" in table
+
+
+def test_command_line_writes_results(tmp_path):
+  result = run.main([
+      "--tasks", "mnist1d", "--methods", "sam,saf", "--steps", "2", "--window", "1",
+      "--batch", "16", "--scaling-task", "mnist1d", "--widths", "1,2", "--devices", "1,2",
+      "--scaling-steps", "1", "--output-dir", str(tmp_path), "--note", "smoke test"])
+  assert sorted(os.listdir(tmp_path)) == ["RESULTS.md", "benchmark-cpu.png", "results-cpu.json"]
+  with open(tmp_path / "benchmark-cpu.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  markdown = (tmp_path / "RESULTS.md").read_text()
+  for text in ("smoke test", "| sam |", "jax 0.", "cores", "Scaling with the model's width",
+               "Scaling with the device count", "python -m benchmarks.run --tasks mnist1d"):
+    assert text in markdown, text
+  saved = json.loads((tmp_path / "results-cpu.json").read_text())
+  assert [r["method"] for r in saved["tasks"][0]["rows"]][:2] == ["sgd", "sam"]
+  assert {r["devices"] for r in result["devices_scaling"]["rows"]} == {1, 2}
+  assert {r["width"] for r in result["width_scaling"]["rows"]} == {1.0, 2.0}
+  # Sharded over two devices, each device computes about half the flops.
+  rows = {(r["devices"], r["method"]): r for r in result["devices_scaling"]["rows"]}
+  assert rows[2, "sgd"]["flops"] < 0.6 * rows[1, "sgd"]["flops"]

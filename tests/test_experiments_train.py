@@ -1,0 +1,356 @@
+"""The training program: every method trains, BatchNorm, cost, resume, the CLI.
+
+Runs on a tiny MNIST-1D (400 training sequences, batches of 80, a CNN with 8
+channels), one device (``data_parallel=False``) unless a test says otherwise.
+Every method is trained once per module (``trained``) and the tests read the
+results; identical programs are compiled once (``compilation_cache``).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import input_pipeline, methods, models, train
+from experiments.configs import default
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "experiments", "configs")
+
+
+def tiny_config(**overrides):
+  config = default.get_config()
+  config.mnist1d.num_samples = 500  # 400 train, 100 test
+  config.batch_size = 80            # 5 steps per epoch
+  config.eval_batch_size = 100
+  config.model_kwargs.channels = (8, 8)
+  config.num_epochs = 1
+  config.hessian_iters = 0
+  config.hessian_examples = 100
+  config.data_parallel = False
+  # SAF / MESA switch on early enough to be exercised in 3 epochs.
+  config.hparams.saf.past_epochs = 1
+  config.hparams.saf.start_epoch = 1
+  config.hparams.mesa.start_epoch = 0
+  config.hparams.mesa.decay = 0.9
+  for key, value in overrides.items():
+    train.set_dotted(config, key, value)
+  return config
+
+
+def run(config, workdir, **kwargs):
+  return train.train_and_evaluate(config, str(workdir), progress=False, **kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """A persistent XLA cache for this module: each run re-traces the same step,
+  and identical programs then compile once (restored afterwards)."""
+  from jax._src import compilation_cache as cache  # pylint: disable=import-outside-toplevel
+
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  previous = {name: getattr(jax.config, name) for name in names}
+  jax.config.update(names[0], str(tmp_path_factory.getbasetemp() / "xla-cache"))
+  jax.config.update(names[1], 0.0)
+  cache.reset_cache()
+  yield
+  for name, value in previous.items():
+    jax.config.update(name, value)
+  cache.reset_cache()
+
+
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """Every method, 3 epochs (SAF's and MESA's loss on from epoch 2 / 1)."""
+  results = {}
+  for name in methods.METHODS:
+    workdir = tmp_path_factory.mktemp(name)
+    hessian = 2 if name in ("sam", "mesa") else 0
+    results[name] = (run(tiny_config(method=name, num_epochs=EPOCHS, hessian_iters=hessian),
+                         workdir), workdir)
+  return results
+
+
+# --------------------------------------------------------------------------
+# Every method.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+def test_every_method_trains_and_reports(name, trained):
+  results, workdir = trained[name]
+  assert results["finished"] and results["steps"] == 5 * EPOCHS
+  for key in ("accuracy", "nll", "ece", "adaptive_ece"):
+    assert np.isfinite(results["test"][key]), key
+  assert 0.0 <= results["test"]["accuracy"] <= 1.0
+  if name in ("sam", "mesa"):
+    assert np.isfinite(results["hessian_top_eigenvalue"])
+  assert results["time_per_step_s"] > 0
+  assert len(results["history"]["test_accuracy"]) == EPOCHS
+  assert results["history"]["train_loss"][-1] < results["history"]["train_loss"][0]
+  written = json.loads((workdir / "results.json").read_text())
+  assert written["method"] == name and written["test"] == results["test"]
+  assert len(written["reliability_diagram"]["bin_count"]) == 15
+  assert sum(written["reliability_diagram"]["bin_count"]) == 100
+  chex.assert_tree_all_finite(results["state"].params)
+
+
+@pytest.mark.parametrize("name", ["saf", "mesa"])
+def test_trajectory_methods_with_lambda_zero_equal_sgd(name, tmp_path, trained):
+  """λ = 0: SAF / MESA change nothing else in the step (bit-exact SGD)."""
+  results = run(tiny_config(method=name, num_epochs=EPOCHS, **{f"hparams.{name}.lam": 0.0}),
+                tmp_path)
+  sgd = trained["sgd"][0]["state"]
+  chex.assert_trees_all_equal(results["state"].params, sgd.params)
+  chex.assert_trees_all_equal(results["state"].batch_stats, sgd.batch_stats)
+
+
+@pytest.mark.parametrize("name", ["saf", "mesa"])
+def test_trajectory_methods_change_the_step_once_on(name, trained):
+  state = trained[name][0]["state"]
+  if name == "saf":
+    saf_state = next(s for s in state.opt_state if hasattr(s, "bank"))
+    assert int(saf_state.invalid_count) == 0
+    assert bool(jnp.all(jnp.any(saf_state.bank != 0, axis=-1)))  # every row, both slots
+  difference = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params,
+                            trained["sgd"][0]["state"].params)
+  assert max(jax.tree.leaves(difference)) > 1e-4
+
+
+def test_mesa_is_evaluated_with_its_ema(trained):
+  results = trained["mesa"][0]
+  assert results["evaluated"] == "EMA weights"
+  assert results["test_trained_weights"] != results["test"]
+
+
+# --------------------------------------------------------------------------
+# The step: BatchNorm and cost.
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+  return input_pipeline.get_pipeline(tiny_config())
+
+
+def test_batchnorm_statistics_come_from_the_users_pass(pipeline):
+  """SAM's re-evaluation at the perturbed weights does not touch batch_stats."""
+  config = tiny_config(method="sam", **{"hparams.sam.rho": 0.5})
+  created = train.create_run(config, pipeline)
+  batch = next(pipeline.train_epoch(0))
+  loss_fn, _ = train.make_loss_fns(created.model)
+  rng = jax.random.fold_in(created.rng, 0)
+  _, (expected, _) = jax.jit(loss_fn)(created.state.params, created.state.batch_stats, batch,
+                                      rng)
+  initial = jax.tree.map(np.asarray, created.state.batch_stats)
+  state, _ = created.train_step(created.state, batch, created.rng)
+  chex.assert_trees_all_close(state.batch_stats, expected, rtol=1e-5, atol=1e-6)
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+                       state.batch_stats, initial)
+  assert max(jax.tree.leaves(moved)) > 0
+
+
+def _step_flops(name, pipeline):
+  config = tiny_config(method=name)
+  created = train.create_run(config, pipeline)
+  batch = jax.device_put(next(pipeline.train_epoch(0)))
+  analysis = created.train_step.lower(created.state, batch, created.rng).cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return float(analysis["flops"])
+
+
+def test_step_cost_in_flops(pipeline):
+  """SAF: one forward + backward; MESA: plus one forward; SAM ≈ 2×, BSAM ≈ 3×."""
+  sgd = _step_flops("sgd", pipeline)
+  assert _step_flops("saf", pipeline) <= 1.10 * sgd
+  assert _step_flops("mesa", pipeline) <= 1.60 * sgd
+  assert 1.7 * sgd <= _step_flops("sam", pipeline) <= 2.3 * sgd
+  assert 2.6 * sgd <= _step_flops("bsam", pipeline) <= 3.4 * sgd
+
+
+def test_data_parallel_step_equals_single_device(tmp_path, trained):
+  """jit over 8 devices (synchronized perturbation) = the one-device run."""
+  if jax.device_count() < 2:
+    pytest.skip("needs several devices (the conftest makes 8 CPU devices)")
+  single = trained["sam"][0]
+  parallel = run(tiny_config(method="sam", num_epochs=EPOCHS, data_parallel=True,
+                             eval_batch_size=200), tmp_path)
+  assert len(parallel["state"].params["Dense_0"]["kernel"].sharding.device_set) == \
+      jax.device_count()
+  chex.assert_trees_all_close(parallel["state"].params, single["state"].params,
+                              rtol=1e-4, atol=1e-5)
+  assert abs(parallel["test"]["accuracy"] - single["test"]["accuracy"]) <= 0.02
+
+
+# --------------------------------------------------------------------------
+# Checkpoints.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["saf", "mesa"])
+def test_resume_is_bit_exact(name, tmp_path, trained):
+  """Interrupted mid-epoch and resumed = not interrupted: params, bank/EMA, curves."""
+  whole = trained[name][0]
+  config = tiny_config(method=name, num_epochs=EPOCHS, checkpoint_every_steps=3)
+  stopped = run(tiny_config(method=name, num_epochs=EPOCHS, checkpoint_every_steps=3,
+                            max_steps=7), tmp_path)
+  assert not stopped["finished"] and stopped["step"] == 7
+  resumed = run(config, tmp_path, resume=True)
+  assert resumed["finished"]
+  for field in ("step", "params", "batch_stats", "opt_state"):
+    chex.assert_trees_all_equal(getattr(resumed["state"], field),
+                                getattr(whole["state"], field))
+  assert resumed["history"] == whole["history"]
+  assert resumed["test"] == whole["test"]
+
+
+def test_checkpoints_need_resume_and_the_same_run(tmp_path):
+  run(tiny_config(max_steps=2), tmp_path)
+  assert (tmp_path / "checkpoints").is_dir() and not (tmp_path / "results.json").exists()
+  with pytest.raises(train.UsageError, match="--resume"):
+    run(tiny_config(), tmp_path)
+  with pytest.raises(train.UsageError, match="seed"):
+    run(tiny_config(seed=3), tmp_path, resume=True)
+
+
+# --------------------------------------------------------------------------
+# Configs and models.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(f for f in os.listdir(CONFIGS)
+                                        if f.endswith(".py") and f != "__init__.py"))
+def test_every_config_is_valid_and_builds_its_model(path):
+  config = train.load_config(os.path.join(CONFIGS, path))
+  train.validate_config(config)
+  for name in config.methods:
+    methods.hparams_for(name, config.hparams.get(name, {}))
+  shape = {"mnist1d": (2, 40), "imagenet2012": (2, 224, 224, 3)}.get(config.dataset,
+                                                                        (2, 32, 32, 3))
+  num_classes = {"cifar100": 100, "imagenet2012": 1000}.get(config.dataset, 10)
+  model = models.get_model(config.model, num_classes, **dict(config.model_kwargs))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+  out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape)), variables)
+  assert out.shape == (2, num_classes)
+
+
+@pytest.mark.parametrize("name, kwargs, shape, params", [
+    ("mlp", {}, (3, 40), 15_210),
+    ("cnn1d", {}, (3, 40), 13_802),
+    ("resnet18", {}, (3, 32, 32, 3), 11_173_962),       # He et al.: 11.2 M
+    ("wrn28_10", {}, (3, 32, 32, 3), 36_479_194),       # Zagoruyko & Komodakis: 36.5 M
+    ("resnet50", {}, (3, 224, 224, 3), 23_528_522),     # 25.6 M with 1000 classes
+    ("vit_small", {}, (3, 32, 32, 3), 1_806_538),
+])
+def test_models_have_the_published_sizes(name, kwargs, shape, params):
+  model = models.get_model(name, 10, **kwargs)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+  assert sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"])) == params
+  assert ("batch_stats" in variables) == (name not in ("mlp", "vit_small"))
+
+
+def test_models_batchnorm_train_flag():
+  model = models.get_model("cnn1d", 10, channels=(4, 4))
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 40)))
+  x = jax.random.normal(jax.random.key(1), (4, 40))
+  logits, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert logits.shape == (4, 10)
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), updated["batch_stats"],
+                         variables["batch_stats"])
+  assert any(jax.tree.leaves(changed))
+  chex.assert_trees_all_equal(model.apply(variables, x), model.apply(variables, x, train=False))
+
+
+def test_get_model_errors():
+  with pytest.raises(ValueError, match="unknown model 'resnet7'.*resnet18"):
+    models.get_model("resnet7", 10)
+  with pytest.raises(ValueError, match="bad keyword"):
+    models.get_model("mlp", 10, colour="red")
+
+
+# --------------------------------------------------------------------------
+# The command line.
+# --------------------------------------------------------------------------
+
+
+def test_help_documents_every_flag(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    train.main(["--help"])
+  assert exit_info.value.code == 0
+  text = capsys.readouterr().out
+  parser = train.build_parser()
+  for action in parser._actions:  # pylint: disable=protected-access
+    for flag in action.option_strings:
+      assert flag in text
+    if action.option_strings and action.dest != "help":
+      assert action.help, action.option_strings
+
+
+def _fails(argv, capsys, *fragments):
+  assert train.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "Traceback" not in err
+  for fragment in fragments:
+    assert fragment in err, err
+  return err
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--method", "adam_sam"], ["unknown method 'adam_sam'", "sam, csam"]),
+    (["--dataset", "mnist2d"], ["unknown dataset 'mnist2d'", "cifar10"]),
+    (["--model", "resnet7"], ["unknown model 'resnet7'"]),
+    (["--method", "sgd", "--rho", "0.1"], ["method 'sgd' has no hyperparameter 'rho'"]),
+    (["--label-noise", "1.5"], ["label_noise must be in [0, 1]"]),
+    (["--set", "hparams.sam.rhoo=0.1", "--method", "sam"], ["no hyperparameter 'rhoo'"]),
+    (["--config", "/nonexistent/config.py"], ["does not exist"]),
+])
+def test_bad_input_is_one_clear_line(argv, fragments, capsys, tmp_path):
+  out = tmp_path / "out"
+  _fails(argv + ["--output-dir", str(out)], capsys, *fragments)
+  assert not out.exists()  # nothing written
+
+
+def test_missing_tfds_data_set(capsys, tmp_path):
+  pytest.importorskip("tensorflow_datasets", reason="the 'tfds' extra is not installed")
+  out = tmp_path / "out"
+  _fails(["--dataset", "cifar10", "--model", "resnet18", "--data-dir", str(tmp_path / "tfds"),
+          "--output-dir", str(out)], capsys, "'cifar10'", "not prepared", "never downloads")
+  assert not out.exists()
+
+
+def test_unwritable_output_folder(capsys, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  _fails(["--output-dir", str(blocker / "run"), "--epochs", "1"], capsys,
+         "cannot write to the output folder")
+
+
+def test_cli_run_writes_results(tmp_path, capsys):
+  out = tmp_path / "run"
+  code = train.main(["--method", "sam", "--rho", "0.2", "--epochs", "1", "--batch-size", "80",
+                     "--set", "mnist1d.num_samples=500", "--set", "model_kwargs.channels=(8,)",
+                     "--set", "hessian_iters=1", "--set", "data_parallel=False",
+                     "--set", "eval_batch_size=100", "--output-dir", str(out), "--no-progress"])
+  assert code == 0, capsys.readouterr().err
+  results = json.loads((out / "results.json").read_text())
+  assert results["hparams"]["rho"] == 0.2 and results["steps"] == 5
+  assert "results:" in capsys.readouterr().out
+
+
+def test_subprocess_exit_code_and_no_traceback(tmp_path):
+  completed = subprocess.run(
+      [sys.executable, "-m", "experiments.train", "--method", "nope", "--output-dir",
+       str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+  assert completed.returncode == 2
+  assert "Traceback" not in completed.stderr
+  assert "unknown method 'nope'" in completed.stderr
