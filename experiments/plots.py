@@ -166,7 +166,8 @@ def plot_reliability_diagrams(
   """Reliability diagrams (Guo et al., 2017), one panel per method.
 
   Each panel shows the accuracy of each confidence bin as a bar, the gap to
-  the bin's mean confidence as a shaded bar, and the diagonal of perfect
+  the bin's mean confidence as a hatched box (red above the bar where the
+  model is overconfident, orange inside it where it is underconfident), and the diagonal of perfect
   calibration; empty bins are left blank. The panel title carries the ECE if
   the dict has an ``ece`` entry (as :func:`experiments.metrics.reliability_diagram`
   returns).
@@ -223,9 +224,13 @@ def plot_reliability_diagrams(
     confidence = arrays["bin_confidence"][filled]
     ax.bar(left, accuracy, width=width, align="edge", color="tab:blue",
            edgecolor="black", linewidth=0.6, label="accuracy")
-    ax.bar(left, confidence - accuracy, bottom=accuracy, width=width, align="edge",
-           color="tab:red", alpha=0.3, edgecolor="tab:red", linewidth=0.6, hatch="//",
-           label="gap to confidence")
+    over = confidence > accuracy  # overconfident bins: the gap lies above the bar
+    for gap_bins, color, label in ((over, "tab:red", "gap: overconfident"),
+                                   (~over, "orange", "gap: underconfident")):
+      if gap_bins.any():
+        ax.bar(left[gap_bins], (confidence - accuracy)[gap_bins],
+               bottom=accuracy[gap_bins], width=width[gap_bins], align="edge",
+               fill=False, edgecolor=color, linewidth=0.8, hatch="//", label=label)
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
