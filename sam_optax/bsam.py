@@ -71,14 +71,11 @@ def bsam(
   def rule(grads, params, gradient_at, *, rho_max, rho_min):
     direction = _ascent.normalized(grads, eps)
     max_grads = gradient_at(_ascent.ascent_point(params, direction, rho_max))
-    max_norm = _ascent.global_norm(max_grads)
-    # The min point depends on ‖g_max‖ (times 0: exact for a finite norm), so
-    # XLA runs the two re-evaluations one after the other. Independent, they
-    # were scheduled together and held the activations of both passes at once
-    # (twice SAM's working memory; see benchmarks/RESULTS.md).
-    min_radius = -rho_min + 0.0 * max_norm
-    min_grads = gradient_at(_ascent.ascent_point(params, direction, min_radius))
-    ratio = max_norm / (_ascent.global_norm(min_grads) + eps)
+    # The min pass starts once g_max is computed: run together, the two passes
+    # would hold both passes' activations at once (see benchmarks/RESULTS.md).
+    min_direction = _ascent.sequenced(direction, max_grads)
+    min_grads = gradient_at(_ascent.ascent_point(params, min_direction, -rho_min))
+    ratio = _ascent.global_norm(max_grads) / (_ascent.global_norm(min_grads) + eps)
     flatness = _ascent.scaled_sum(grads, -ratio, min_grads, like=max_grads)
     return _ascent.scaled_sum(max_grads, 1.0, flatness)
 

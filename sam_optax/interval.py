@@ -82,6 +82,15 @@ def every_k(
   most expensive branch, so the compiled flop count equals the inner
   method's; the average is ``plain + (inner − plain)/k``).
 
+  .. note::
+    On XLA:CPU the convolution gradients inside a ``lax.cond`` branch get a
+    layout that misses the fast convolution routine (jax-ml/jax#12868), so
+    for convolutional models on CPU the SAM steps of this method run several
+    times slower than :func:`sam_optax.sam`'s (measured in
+    ``benchmarks/RESULTS.md``); flops are as expected and GPUs/TPUs are not
+    affected. On CPU, choose between two jitted steps in Python instead
+    (one with ``sam``, one plain) when it matters.
+
   On a skipped step the inner state is kept, except that its step counters
   (NamedTuple fields named ``count``) advance, so ρ schedules follow the
   global step. With data parallelism the plain gradient of a skipped step is

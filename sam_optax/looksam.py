@@ -73,6 +73,15 @@ def looksam(
   the axis, so ``g_v`` is the same on every device and the state stays
   replicated.
 
+  .. note::
+    On XLA:CPU the convolution gradients inside a ``lax.cond`` branch get a
+    layout that misses the fast convolution routine (jax-ml/jax#12868), so
+    for convolutional models on CPU the SAM steps of this method run several
+    times slower than :func:`sam_optax.sam`'s (measured in
+    ``benchmarks/RESULTS.md``); flops are as expected and GPUs/TPUs are not
+    affected. On CPU, choose between two jitted steps in Python instead
+    (one with ``sam``, one plain) when it matters.
+
   Args:
     rho: ρ ≥ 0, a float or an optax schedule (of the global step).
     k: the interval of the SAM steps, an int ≥ 1 (5 or 10 in the paper).

@@ -367,7 +367,9 @@ def saf(
     if not jnp.issubdtype(jnp.result_type(logits), jnp.floating):
       raise ValueError(f"saf: logits must be floating point, got {jnp.result_type(logits)}.")
     valid = example_mask_or_ones("saf: update", example_mask, batch)
-    logits = jax.lax.stop_gradient(logits)
+    # Written after the gradient (which read the bank through saf_target), so
+    # XLA updates the bank in place instead of copying it.
+    logits = _ascent.sequenced(jax.lax.stop_gradient(logits), updates)
     if axis_name is not None:
       index, logits, valid = _all_gather((index, logits, valid), axis_name)
 

@@ -592,3 +592,29 @@ def test_mesa_ema_starts_as_a_copy_not_an_alias_of_the_params():
 
   new_params, _ = step(params, state)
   assert float(new_params["w"][0]) == pytest.approx(-0.1)
+
+
+def test_saf_step_updates_the_bank_in_place():
+  """The bank is written after the gradient that read it, so a jitted step
+  with the state donated needs no scratch copy of the bank."""
+  num_examples, num_classes, features = 4096, 10, 8
+  tx = optax.chain(sam_optax.saf(num_examples, num_classes, steps_per_epoch=1, start_epoch=3),
+                   optax.sgd(0.1))
+  params = {"w": jnp.zeros((features, num_classes))}
+
+  def step(params, opt_state, x, index):
+    target = sam_optax.saf_target(opt_state, index)
+
+    def loss_fn(params):
+      logits = x @ params["w"]
+      return jnp.mean(logits ** 2) + trajectory_loss(logits, target), logits
+
+    (_, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params, logits=logits, example_index=index)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+      params, opt_state, jnp.ones((32, features)), jnp.arange(32)).compile()
+  bank_bytes = num_examples * num_classes * 4 * 4  # Ẽ + 1 = 4 slots of float32
+  assert compiled.memory_analysis().temp_size_in_bytes < bank_bytes / 4
