@@ -73,6 +73,7 @@ def flops_of(compiled: Any) -> float:
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
           "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_CONV_LAYOUT = re.compile(r" convolution\([^\n]*?dim_labels=([\w>\-]+)")
 _INSTRUCTION = re.compile(r"= (\w+)\[([\d,]*)\][^ ]* ([a-z][\w\-]*)\(")
 
 
@@ -80,11 +81,14 @@ def hlo_summary(compiled: Any) -> dict[str, int]:
   """Counts in the optimized HLO: convolutions and dots, copies and their size.
 
   A recomputed forward shows up as extra convolutions / dots, a defensive
-  copy of a buffer as copy bytes.
+  copy of a buffer as copy bytes; ``conv_layouts`` counts the convolutions
+  by ``dim_labels`` (XLA:CPU runs its fast Eigen convolution on one layout
+  family only).
   """
   counts: collections.Counter[str] = collections.Counter()
   copy_bytes = 0
-  for dtype, dims, opcode in _INSTRUCTION.findall(compiled.as_text()):
+  text = compiled.as_text()
+  for dtype, dims, opcode in _INSTRUCTION.findall(text):
     counts[opcode] += 1
     if opcode == "copy":
       elements = int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
@@ -94,6 +98,7 @@ def hlo_summary(compiled: Any) -> dict[str, int]:
       "copies": counts["copy"],
       "copy_bytes": copy_bytes,
       "fusions": counts["fusion"],
+      "conv_layouts": dict(collections.Counter(_CONV_LAYOUT.findall(text))),
   }
 
 
@@ -147,20 +152,37 @@ class Runner:
   batch: Batch
   calls_per_step: int
   samples: list[float] = dataclasses.field(default_factory=list)
+  call_times: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+  calls: int = 0
   last_loss: float = float("nan")
 
-  def run(self, steps: int) -> float:
-    """Runs ``steps`` full steps; returns the seconds per full step."""
+  def run(self, steps: int, record: bool = True) -> float:
+    """Runs ``steps`` full steps; returns the seconds per full step.
+
+    With ``record``, every call's ``(index, seconds)`` is kept in
+    ``call_times`` (the index counts every call since compilation, so
+    ``index % k`` is the phase of a method that branches every k steps).
+    """
     elapsed = 0.0
     loss = None
     for _ in range(steps * self.calls_per_step):
       start = time.perf_counter()
       self.state, loss = self.compiled(self.state, self.batch)
       jax.block_until_ready((self.state, loss))
-      elapsed += time.perf_counter() - start
+      seconds = time.perf_counter() - start
+      elapsed += seconds
+      if record:
+        self.call_times.append((self.calls, seconds))
+      self.calls += 1
     if loss is not None:
       self.last_loss = float(loss)
     return elapsed / max(steps, 1)
+
+  def phase_times(self, cycle: int) -> tuple[float, float]:
+    """Median seconds of the calls with ``index % cycle == 0`` and of the others."""
+    full = [t for i, t in self.call_times if i % cycle == 0]
+    rest = [t for i, t in self.call_times if i % cycle != 0]
+    return summary(full)["median"], summary(rest)["median"]
 
 
 @dataclasses.dataclass
@@ -313,7 +335,7 @@ def measure_methods(
   for method in methods:
     program = method.build(task, axis_name)
     compiled = compile_program(method.name, program, task, mesh, method.phases)
-    compiled.runner.run(1)  # warm-up: first-call allocations
+    compiled.runner.run(1, record=False)  # warm-up: first-call allocations
     out[method.name] = compiled
     if on_compiled is not None:
       on_compiled(method.name)

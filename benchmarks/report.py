@@ -126,6 +126,9 @@ def task_rows(
         "compile_s": c.compile_s,
         "final_loss": c.runner.last_loss,
     })
+    if method.phases:
+      k = round(1 / method.phases[0][0])
+      rows[-1]["phase_times"] = list(c.runner.phase_times(k))
   return rows
 
 
@@ -243,6 +246,26 @@ def diagnose(task: Mapping[str, Any]) -> list[str]:
             " than SAM: more than the gradients it keeps; independent"
             " re-evaluations scheduled together hold the activations of several"
             " passes at once.")
+    if r.get("phase_times") and sam is not None:
+      full, cheap = r["phase_times"]
+      if full > 1.5 * sam["time_median"]:
+        odd = {label: n for label, n in r["hlo"].get("conv_layouts", {}).items()
+               if label not in sgd["hlo"].get("conv_layouts", {})}
+        layouts = (f"; {sum(odd.values())} of its convolutions have layouts"
+                   f" ({', '.join(sorted(odd))}) that SGD's and SAM's compiled steps do"
+                   " not have" if odd else "")
+        lines.append(
+            f"**{r['method']}**: its SAM steps (inside `lax.cond`) take"
+            f" {full * 1e3:.1f} ms against {sam['time_median'] * 1e3:.1f} ms for sam's"
+            f" step, its other steps {cheap * 1e3:.1f} ms against SGD's"
+            f" {sgd['time_median'] * 1e3:.1f} ms{layouts}. XLA:CPU does not give the"
+            " convolutions of a conditional's branch the layout of its fast (Eigen)"
+            " convolution and runs them through its naive loop emitter"
+            " (jax-ml/jax#12868, convolutions in a loop body; a convolution's"
+            " gradient alone measures 5 ms plain and 167 ms inside `lax.cond` here)."
+            " The flops are those of 1 + 1/k gradients; the time is not, on CPU."
+            " On CPU, choose the step in Python between two jitted functions (a SAM"
+            " step and a plain one) instead.")
     if r["group"] == "sam_optax" and abs(r["theory_deviation"]) > THEORY_TOLERANCE:
       lines.append(
           f"**{r['method']}**: flops {r['flops_ratio']:.3f}× SGD against"

@@ -29,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # pylint: disable=wrong-import-position
 import argparse
 import dataclasses
+import shlex
 import time
 import warnings
 from collections.abc import Sequence
@@ -243,9 +244,9 @@ def run_device_scaling(settings: Settings, table, bar: tqdm) -> dict[str, Any]:
       "description": (
           f"{task.description}, the batch split across 1–{max(settings.devices)}"
           f" devices{fake}: `jit(shard_map(step))` over a one-axis mesh, state"
-          " replicated. SGD averages its gradient across devices; SAM and the"
-          " hand-written step perturb with each device's own gradient and average"
-          " the surrogate once (m-sharpness). Flops and memory are per device."
+          " replicated. SGD averages its gradient across devices; SAM perturbs"
+          " with each device's own gradient and averages the surrogate once"
+          " (m-sharpness). Flops and memory are per device."
           f" {rounds} rounds × {window} steps per method and device count."),
   }
 
@@ -267,8 +268,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   table = methods_lib.method_table(settings.methods)
   scaling_table = [m for m in table if m.sharded]
   start, load = time.time(), os.getloadavg()[0]
-  command = "python -m benchmarks.run" + ("" if argv is None and len(sys.argv) < 2 else
-                                          " " + " ".join(argv if argv is not None else sys.argv[1:]))
+  command = shlex.join(["python", "-m", "benchmarks.run",
+                        *(argv if argv is not None else sys.argv[1:])])
   with tqdm(total=total_units(settings, table, scaling_table), unit="op",
             dynamic_ncols=True) as bar:
     result: dict[str, Any] = {
