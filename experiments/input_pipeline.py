@@ -162,7 +162,11 @@ class MNIST1D:
 
   Epoch ``e`` visits the training set in the order
   ``default_rng(epoch_seed(seed, e)).permutation(N)``, in batches of
-  ``batch_size`` (the last partial batch is dropped). Test labels are clean.
+  ``batch_size`` (the last partial batch is dropped); process ``p`` of ``P``
+  takes rows ``[p·B/P, (p+1)·B/P)`` of each global batch, so the processes
+  together see exactly the single-process batches. Test labels are clean;
+  process ``p`` evaluates its contiguous part :func:`eval_share` of the test
+  split (the trainer gathers every part).
 
   Args:
     batch_size: global batch size (this process gets ``batch_size / P``).
@@ -171,7 +175,8 @@ class MNIST1D:
     noise_seed: seed of the label noise.
     num_samples, train_split, data_seed: passed to :func:`make_mnist1d`.
     eval_batch_size: batch size of :meth:`eval_batches`.
-    process_index, process_count: this process's share of the batch.
+    process_index, process_count: this process's share of the batch and of
+      the test split.
   """
 
   name = "mnist1d"
@@ -188,13 +193,13 @@ class MNIST1D:
     self.num_train_examples = len(self.y)
     self.num_eval_examples = len(self.y_test)
     self.input_shape = self.x.shape[1:]
-    _check_batch_size(batch_size, process_count, self.num_train_examples)
+    share = host_share(self.num_train_examples, batch_size, process_index, process_count)
     self.batch_size = batch_size
-    self.local_batch_size = batch_size // process_count
+    self.local_batch_size = share.local_batch_size
     self.steps_per_epoch = self.num_train_examples // batch_size
     self.seed = seed
     self.eval_batch_size = eval_batch_size
-    self.process_index = process_index
+    self.process_index, self.process_count = process_index, process_count
 
   def train_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
     """Batches ``start_step, ..., steps_per_epoch − 1`` of epoch ``epoch``."""
@@ -207,14 +212,18 @@ class MNIST1D:
       yield {"x": self.x[local], "y": self.y[local], "index": local.astype(np.int32)}
 
   def eval_batches(self) -> Iterator[Batch]:
-    """The clean test split, in order."""
-    for start in range(0, self.num_eval_examples, self.eval_batch_size):
-      stop = start + self.eval_batch_size
+    """This process's part of the clean test split (all of it with one process), in order."""
+    first, last = eval_share(self.num_eval_examples, self.process_index, self.process_count)
+    for start in range(first, last, self.eval_batch_size):
+      stop = min(start + self.eval_batch_size, last)
       yield {"x": self.x_test[start:stop], "y": self.y_test[start:stop],
-             "index": np.arange(start, min(stop, self.num_eval_examples), dtype=np.int32)}
+             "index": np.arange(start, stop, dtype=np.int32)}
 
   def train_sample(self, size: int) -> Batch:
-    """The first ``size`` training examples with their (noisy) training labels."""
+    """The first ``size`` training examples with their (noisy) training labels.
+
+    The same on every process (the Hessian's sample).
+    """
     size = min(size, self.num_train_examples)
     return {"x": self.x[:size], "y": self.y[:size],
             "index": np.arange(size, dtype=np.int32)}
@@ -223,14 +232,70 @@ class MNIST1D:
 def _check_batch_size(batch_size: int, process_count: int, num_examples: int) -> None:
   if not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
+  if not isinstance(process_count, int) or process_count < 1:
+    raise ValueError(f"process_count must be a positive int, got {process_count!r}.")
   if batch_size % process_count:
     raise ValueError(
         f"batch_size={batch_size} is not divisible by the number of processes"
         f" ({process_count}).")
-  if batch_size > num_examples // process_count:
+  if batch_size // process_count > num_examples // process_count:
     raise ValueError(
         f"batch_size={batch_size} is larger than the training set share of a"
-        f" process ({num_examples // process_count} examples).")
+        f" process ({num_examples // process_count} examples per process,"
+        f" {batch_size // process_count} per local batch).")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostShare:
+  """What one process of ``P`` reads of the training split (per-host sharding).
+
+  Attributes:
+    start, size: its contiguous slice ``[start, start + size)`` of the split
+      (``size = N // P``; the last ``N mod P`` examples are never read).
+    local_batch_size: its rows of each global batch, ``B / P``.
+    steps_per_epoch: ``size // (B / P) = N // B``, the same on every process.
+  """
+
+  start: int
+  size: int
+  local_batch_size: int
+  steps_per_epoch: int
+
+
+def host_share(num_examples: int, batch_size: int, process_index: int = 0,
+               process_count: int = 1) -> HostShare:
+  """Process ``process_index``'s share of ``num_examples`` training examples.
+
+  Example:
+    >>> host_share(1_281_167, 4096, process_index=3, process_count=8)
+    HostShare(start=480435, size=160145, local_batch_size=512, steps_per_epoch=312)
+
+  Raises:
+    ValueError: if the global batch does not divide among the processes, the
+      index is out of range, or a process's share is smaller than its batch.
+  """
+  _check_batch_size(batch_size, process_count, num_examples)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is out of range for"
+                     f" process_count={process_count}.")
+  size = num_examples // process_count
+  local = batch_size // process_count
+  return HostShare(process_index * size, size, local, size // local)
+
+
+def eval_share(num_examples: int, process_index: int = 0,
+               process_count: int = 1) -> tuple[int, int]:
+  """``(start, stop)`` of process ``process_index``'s contiguous part of an evaluation split.
+
+  Every example belongs to exactly one process; the parts differ by at most one.
+
+  Example:
+    >>> [eval_share(10, p, 3) for p in range(3)]
+    [(0, 4), (4, 7), (7, 10)]
+  """
+  base, extra = divmod(num_examples, process_count)
+  start = process_index * base + min(process_index, extra)
+  return start, start + base + (process_index < extra)
 
 
 # --------------------------------------------------------------------------
@@ -317,13 +382,12 @@ class TFDSPipeline:
         raise ValueError(f"{name}: the size of the training split is unknown;"
                          " pass num_train_examples.")
     self.num_train_examples = num_train_examples
-    _check_batch_size(batch_size, process_count, num_train_examples)
+    host = host_share(num_train_examples, batch_size, process_index, process_count)
     self.batch_size = batch_size
-    self.local_batch_size = batch_size // process_count
-    share = num_train_examples // process_count
-    self.start = process_index * share
-    self.share = share
-    self.steps_per_epoch = share // self.local_batch_size
+    self.local_batch_size = host.local_batch_size
+    self.start, self.share = host.start, host.size
+    share = host.size
+    self.steps_per_epoch = host.steps_per_epoch
     self.seed, self.label_noise, self.noise_seed = seed, label_noise, noise_seed
     self.shuffle_buffer = share if not self.imagenet else min(shuffle_buffer, share)
     self.cache = cache and not self.imagenet
@@ -431,7 +495,7 @@ class TFDSPipeline:
     ds = ds.take(self.steps_per_epoch - start_step).prefetch(tf.data.AUTOTUNE)
     yield from self.tfds.as_numpy(ds)
 
-  def _eval_dataset(self, split: str, noisy: bool = False):
+  def _eval_dataset(self, split: str, noisy: bool = False, per_process: bool = True):
     tf = self.tf
 
     def preprocess(index, ex):
@@ -442,18 +506,25 @@ class TFDSPipeline:
               "y": self._noisy(label, index) if noisy else label}
 
     ds = self._read(split).enumerate()
-    if self.process_count > 1:
+    if per_process and self.process_count > 1:
       ds = ds.shard(self.process_count, self.process_index)
     return ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
   def eval_batches(self) -> Iterator[Batch]:
-    """This process's share of the evaluation split (last batch may be smaller)."""
+    """This process's share of the evaluation split (every ``P``-th example; last batch smaller).
+
+    The trainer gathers the shares of every process (by ``index``).
+    """
     ds = self._eval_dataset(self.eval_split).batch(self.eval_batch_size)
     yield from self.tfds.as_numpy(ds.prefetch(self.tf.data.AUTOTUNE))
 
   def train_sample(self, size: int) -> Batch:
-    """The first ``size`` training examples, evaluation preprocessing, training labels."""
-    ds = self._eval_dataset(self.train_split, noisy=True).take(size).batch(size)
+    """The first ``size`` training examples, evaluation preprocessing, training labels.
+
+    The same on every process (not sharded): the Hessian's sample.
+    """
+    ds = self._eval_dataset(self.train_split, noisy=True, per_process=False)
+    ds = ds.take(size).batch(size)
     return next(iter(self.tfds.as_numpy(ds)))
 
 

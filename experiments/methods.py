@@ -17,6 +17,13 @@ optimizer and what its training step needs:
   (:attr:`Method.target`, :attr:`Method.update_args`). MESA is evaluated
   with its EMA weights, as in the paper (:attr:`Method.eval_weights`).
 
+m-sharpness: the methods that perturb the weights (:attr:`Method.perturbs`)
+are built with the context's ``batch_splits`` (a perturbation per group of
+``B / batch_splits`` examples of the step's batch; the trainer sets it to the
+device count for the SAM paper's per-device perturbation under a sharded
+``jax.jit``) and ``axis_name`` (for a ``pmap`` / ``shard_map`` step: average
+over that axis). SAF and MESA have no perturbation.
+
 Hyperparameter defaults are the papers' (METHODS.md); a config overrides them
 in ``config.hparams.<method>``.
 """
@@ -48,6 +55,10 @@ class Context:
     num_examples, num_classes: the training set (SAF's bank).
     model_state: the initial BatchNorm statistics (``{}`` without BatchNorm),
       for MESA's average of them.
+    batch_splits: the perturbing methods' ``batch_splits`` (None: one
+      perturbation from the step's whole gradient).
+    axis_name: the data axis of a ``pmap`` / ``shard_map`` step (None under
+      ``jax.jit``, where XLA averages the global batch).
   """
 
   loss_fn: Callable[..., Any]
@@ -61,6 +72,13 @@ class Context:
   num_examples: int
   num_classes: int
   model_state: Any
+  batch_splits: int | None = None
+  axis_name: str | None = None
+
+  @property
+  def data_parallel(self) -> dict[str, Any]:
+    """The m-sharpness arguments of the SAM family's constructors."""
+    return {"batch_splits": self.batch_splits, "axis_name": self.axis_name}
 
 
 def _loss_args(loss_args, logits):
@@ -92,6 +110,8 @@ class Method:
     eval_weights: ``eval_weights(opt_state, params, batch_stats) -> (params,
       batch_stats)``, the weights the paper evaluates (MESA: the EMA), or
       None for the trained weights.
+    perturbs: whether the method perturbs the weights (so that
+      ``--perturbation`` / ``batch_splits`` applies to it).
   """
 
   name: str
@@ -103,24 +123,27 @@ class Method:
   target: Callable[..., Any] | None = None
   update_args: Callable[[Mapping[str, Any], Any], Mapping[str, Any]] = _loss_args
   eval_weights: Callable[..., Any] | None = None
+  perturbs: bool = False
 
 
 def _sam(ctx, h):
-  return sam_optax.sam(h["rho"], loss_fn=ctx.loss_fn, has_aux=True)
+  return sam_optax.sam(h["rho"], loss_fn=ctx.loss_fn, has_aux=True, **ctx.data_parallel)
 
 
 def _csam(ctx, h):
-  return sam_optax.csam(h["rho"], gamma=h["gamma"], logits_fn=ctx.logits_fn, has_aux=True)
+  return sam_optax.csam(h["rho"], gamma=h["gamma"], logits_fn=ctx.logits_fn, has_aux=True,
+                        **ctx.data_parallel)
 
 
 def _stable_sam(ctx, h):
   inner = sam_optax.sam(h["rho"], loss_fn=ctx.loss_fn, has_aux=True,
-                        normalize=h["normalize"])
-  return sam_optax.stable_sam(inner)
+                        normalize=h["normalize"], **ctx.data_parallel)
+  return sam_optax.stable_sam(inner)  # it takes the inner method's axis
 
 
 def _asam(ctx, h):
-  return sam_optax.asam(h["rho"], eta=h["eta"], loss_fn=ctx.loss_fn, has_aux=True)
+  return sam_optax.asam(h["rho"], eta=h["eta"], loss_fn=ctx.loss_fn, has_aux=True,
+                        **ctx.data_parallel)
 
 
 def _lr_following(ctx, rho_max, rho_min):
@@ -132,12 +155,14 @@ def _lr_following(ctx, rho_max, rho_min):
 
 def _gsam(ctx, h):
   rho = _lr_following(ctx, h["rho"], h["rho_min"])
-  return sam_optax.gsam(rho, alpha=h["alpha"], loss_fn=ctx.loss_fn, has_aux=True)
+  return sam_optax.gsam(rho, alpha=h["alpha"], loss_fn=ctx.loss_fn, has_aux=True,
+                        **ctx.data_parallel)
 
 
 def _bsam(ctx, h):
   rho_min = _lr_following(ctx, h["rho_min"], 0.0)
-  return sam_optax.bsam(h["rho"], rho_min, loss_fn=ctx.loss_fn, has_aux=True)
+  return sam_optax.bsam(h["rho"], rho_min, loss_fn=ctx.loss_fn, has_aux=True,
+                        **ctx.data_parallel)
 
 
 def _start_epoch(ctx, h, minimum):
@@ -150,7 +175,8 @@ def _start_epoch(ctx, h, minimum):
 def _saf(ctx, h):
   return sam_optax.saf(
       ctx.num_examples, ctx.num_classes, ctx.steps_per_epoch, lam=h["lam"], tau=h["tau"],
-      start_epoch=_start_epoch(ctx, h, h["past_epochs"]), past_epochs=h["past_epochs"])
+      start_epoch=_start_epoch(ctx, h, h["past_epochs"]), past_epochs=h["past_epochs"],
+      axis_name=ctx.axis_name)
 
 
 def _saf_target(opt_state, params, batch_stats, batch, predict):
@@ -190,16 +216,17 @@ def _mesa_eval_weights(opt_state, params, batch_stats):
 METHODS: dict[str, Method] = {
     m.name: m for m in [
         Method("sgd", "the base optimizer alone", 1, 0, {}, lambda ctx, h: None),
-        Method("sam", "SAM, Foret et al. 2021", 2, 0, {"rho": 0.05}, _sam),
-        Method("csam", "calibrated SAM, ICLR 2026", 2, 0, {"rho": 0.05, "gamma": 1.0}, _csam),
+        Method("sam", "SAM, Foret et al. 2021", 2, 0, {"rho": 0.05}, _sam, perturbs=True),
+        Method("csam", "calibrated SAM, ICLR 2026", 2, 0, {"rho": 0.05, "gamma": 1.0}, _csam,
+               perturbs=True),
         Method("stable_sam", "StableSAM (renormalized USAM), Tan et al.", 2, 0,
-               {"rho": 0.05, "normalize": False}, _stable_sam),
+               {"rho": 0.05, "normalize": False}, _stable_sam, perturbs=True),
         Method("asam", "adaptive SAM, Kwon et al. 2021", 2, 0, {"rho": 0.5, "eta": 0.01},
-               _asam),
+               _asam, perturbs=True),
         Method("gsam", "surrogate-gap SAM, Zhuang et al. 2022", 2, 0,
-               {"rho": 0.05, "rho_min": 0.05, "alpha": 0.1}, _gsam),
+               {"rho": 0.05, "rho_min": 0.05, "alpha": 0.1}, _gsam, perturbs=True),
         Method("bsam", "bilateral SAM, Deng et al. 2024", 3, 0,
-               {"rho": 0.05, "rho_min": 0.05}, _bsam),
+               {"rho": 0.05, "rho_min": 0.05}, _bsam, perturbs=True),
         Method("saf", "SAF (trajectory loss, logit bank), Du et al. 2022", 1, 0,
                {"lam": 0.3, "tau": 5.0, "start_epoch": None, "past_epochs": 3}, _saf,
                target=_saf_target, update_args=_saf_update_args),

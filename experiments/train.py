@@ -13,6 +13,15 @@ counters, SAF's logit bank, MESA's EMA weights), the step -- plus the history;
 the data position follows from the step (see :mod:`experiments.input_pipeline`),
 so ``--resume`` continues bit-exactly.
 
+With several devices the step is one ``jax.jit`` over a ``('data',)`` mesh
+(:class:`Placement`), on one process or several
+(:mod:`experiments.distributed`). ``config.perturbation`` says where the SAM
+family's perturbation is computed (m-sharpness): ``'device'`` (default, as in
+the SAM paper: every device's shard of the batch gets its own perturbation,
+``batch_splits`` = the device count), ``'global'`` (one perturbation from the
+global batch's gradient: the single-device step on the whole batch) or
+``'split'`` (``config.batch_splits`` groups of the global batch).
+
 The training step is the library's canonical one, with BatchNorm as
 documented: ``loss_fn(params, batch_stats, batch, rng) -> (loss,
 (new_batch_stats, logits))``, ``has_aux=True``; the user's pass updates the
@@ -32,6 +41,7 @@ import importlib.util
 import json
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -45,7 +55,7 @@ import optax
 from flax.training import train_state
 
 import sam_optax
-from experiments import input_pipeline, methods, metrics, models
+from experiments import distributed, input_pipeline, methods, metrics, models
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
@@ -221,8 +231,11 @@ class Checkpoints:
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
     self.ocp = ocp
+    # Every process of a multi-process run calls save and restore (orbax
+    # coordinates them; process 0 writes the metadata): the folder must be
+    # shared by every host, e.g. a gs:// bucket on a TPU pod.
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
+        _absolute(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
   def latest_step(self) -> int | None:
@@ -255,16 +268,24 @@ class Checkpoints:
 # --------------------------------------------------------------------------
 
 
-def collect_logits(predict, weights, batches, batch_size: int):
+def collect_logits(predict, weights, batches, batch_size: int, across_processes: bool = True):
   """Logits and labels over ``batches``; the last batch is padded to one shape.
+
+  With several processes each reads its own part of the split (``batches``);
+  with ``across_processes`` the parts of every process are gathered
+  (:func:`experiments.distributed.gather_rows`), so every process returns the
+  whole split. The rows are in the order of the examples' ``index`` (the
+  split's order).
 
   Args:
     predict: the jitted ``predict(params, batch_stats, x)``.
-    weights: ``(params, batch_stats)`` to evaluate.
-    batches: an iterable of batches with ``x`` and ``y``.
+    weights: ``(params, batch_stats)`` to evaluate, on this process's devices.
+    batches: an iterable of batches with ``x``, ``y`` and ``index``.
     batch_size: the shape every batch is padded to (one compilation).
+    across_processes: gather the other processes' rows (False: ``batches``
+      are the same on every process, e.g. the Hessian's sample).
   """
-  all_logits, all_labels = [], []
+  all_logits, all_labels, all_index = [], [], []
   for batch in batches:
     x, n = batch["x"], len(batch["y"])
     if n < batch_size:
@@ -272,7 +293,13 @@ def collect_logits(predict, weights, batches, batch_size: int):
     logits = predict(*weights, x)
     all_logits.append(np.asarray(logits)[:n])
     all_labels.append(np.asarray(batch["y"]))
-  return np.concatenate(all_logits), np.concatenate(all_labels)
+    all_index.append(np.asarray(batch["index"]))
+  rows = {"logits": np.concatenate(all_logits), "labels": np.concatenate(all_labels),
+          "index": np.concatenate(all_index)}
+  if across_processes:
+    rows = distributed.gather_rows(rows)
+  order = np.argsort(rows["index"], kind="stable")
+  return rows["logits"][order], rows["labels"][order]
 
 
 def classification_metrics(logits, labels, num_bins: int = 15) -> dict[str, float]:
@@ -321,11 +348,26 @@ def _progress(total: int, initial: int, description: str, enabled: bool):
               disable=not enabled, leave=False, dynamic_ncols=True)
 
 
+def _is_remote(path: str) -> bool:
+  """A URL such as ``gs://bucket/run`` (opened with etils.epath), not a local path."""
+  return "://" in str(path)
+
+
+def _absolute(path: str) -> str:
+  return str(path) if _is_remote(path) else os.path.abspath(path)
+
+
 def _write_json(path: str, payload: Any) -> None:
   """Writes ``payload`` atomically (a temporary file renamed into place)."""
-  temporary = path + ".tmp"
+  text = json.dumps(payload, indent=2, default=_to_builtin)
+  if _is_remote(path):
+    from etils import epath  # pylint: disable=import-outside-toplevel
+
+    epath.Path(path).write_text(text)
+    return
+  temporary = f"{path}.{os.getpid()}.tmp"
   with open(temporary, "w", encoding="utf-8") as stream:
-    json.dump(payload, stream, indent=2, default=_to_builtin)
+    stream.write(text)
   os.replace(temporary, path)
 
 
@@ -338,22 +380,45 @@ def _to_builtin(value):
 
 
 def check_output_dir(path: str) -> str:
-  """Creates ``path`` if needed and checks that it is a writable folder."""
-  path = os.path.abspath(path)
+  """Creates ``path`` if needed and checks that it is a writable folder.
+
+  A URL (``gs://bucket/run``) goes through ``etils.epath``. Every process of
+  a multi-process run may check the same shared folder at once: each writes
+  its own probe file.
+  """
+  path = _absolute(path)
+  probe_name = f".write-test-{socket.gethostname()}-{os.getpid()}"
   try:
-    os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, ".write-test")
-    with open(probe, "w", encoding="utf-8") as stream:
-      stream.write("ok")
-    os.remove(probe)
+    if _is_remote(path):
+      from etils import epath  # pylint: disable=import-outside-toplevel
+
+      folder = epath.Path(path)
+      folder.mkdir(parents=True, exist_ok=True)
+      (folder / probe_name).write_text("ok")
+      (folder / probe_name).unlink()
+    else:
+      os.makedirs(path, exist_ok=True)
+      probe = os.path.join(path, probe_name)
+      with open(probe, "w", encoding="utf-8") as stream:
+        stream.write("ok")
+      os.remove(probe)
   except OSError as error:
     raise UsageError(f"cannot write to the output folder {path!r}: {error.strerror or error}."
                      " Choose another --output-dir.") from None
   return path
 
 
-def validate_config(config) -> None:
-  """Checks the names and numbers of ``config`` before anything is built or written."""
+PERTURBATIONS = ("device", "global", "split")
+
+
+def validate_config(config, num_processes: int | None = None) -> None:
+  """Checks the names and numbers of ``config`` before anything is built or written.
+
+  Args:
+    config: the run's configuration.
+    num_processes: the number of processes, if known (the global batch must
+      divide among them).
+  """
   methods.get_method(config.method)
   if config.dataset not in input_pipeline.DATASETS:
     raise UsageError(f"unknown dataset {config.dataset!r}; choose one of"
@@ -369,6 +434,28 @@ def validate_config(config) -> None:
   if not (isinstance(config.learning_rate, (int, float)) and config.learning_rate > 0):
     raise UsageError(f"learning_rate must be > 0, got {config.learning_rate!r}.")
   methods.hparams_for(config.method, config.hparams.get(config.method, {}))
+  perturbation = config.get("perturbation", "device")
+  splits = config.get("batch_splits", 0)
+  if perturbation not in PERTURBATIONS:
+    raise UsageError(f"unknown perturbation {perturbation!r}; choose one of"
+                     f" {', '.join(PERTURBATIONS)} (device: one per device, as in the SAM"
+                     " paper; global: one for the global batch; split: --batch-splits M groups).")
+  if isinstance(splits, bool) or not isinstance(splits, int) or splits < 0:
+    raise UsageError(f"batch_splits must be a positive integer, got {splits!r}.")
+  if perturbation == "split":
+    if splits < 1:
+      raise UsageError("--perturbation split needs --batch-splits M (the number of groups of"
+                       " the global batch, each perturbed with its own gradient).")
+    if config.batch_size % splits:
+      raise UsageError(f"batch_size={config.batch_size} is not divisible by"
+                       f" batch_splits={splits}: the {splits} groups must have equal sizes.")
+  elif splits:
+    raise UsageError(f"batch_splits={splits} applies to --perturbation split only (this run"
+                     f" has perturbation={perturbation!r}); add --perturbation split.")
+  if num_processes is not None and config.batch_size % num_processes:
+    raise UsageError(f"batch_size={config.batch_size} (the global batch) is not divisible by"
+                     f" the {num_processes} processes: each process reads batch_size /"
+                     " processes examples per step.")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -376,13 +463,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        pipeline: Any = None) -> dict[str, Any]:
   """Trains and evaluates one run; writes ``workdir/results.json`` and checkpoints.
 
+  With several processes (:mod:`experiments.distributed`; initialized
+  before), every process calls this with the same arguments: each reads its
+  own share of the data, all of them save the checkpoints (``workdir`` must be
+  a folder every host sees, e.g. ``gs://...``), and process 0 writes
+  ``results.json`` and shows the progress bar.
+
   Args:
     config: the run's configuration (see ``experiments/configs/default.py``).
     workdir: the run's folder: ``checkpoints/`` and ``results.json``.
     resume: continue from the latest checkpoint in ``workdir`` (if there is
       none, start from scratch). Without it, a ``workdir`` that already holds
       checkpoints is refused.
-    progress: show a tqdm progress bar.
+    progress: show a tqdm progress bar (on process 0).
     pipeline: the input pipeline, if already built from an equal data config
       (:func:`experiments.input_pipeline.get_pipeline`); built here if None.
 
@@ -390,20 +483,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The results: final test metrics, reliability diagram, Hessian eigenvalue,
     time per step, and the per-epoch history (learning curves) -- what
     ``results.json`` holds -- plus the final :class:`TrainState` under
-    ``'state'``. A run stopped by ``config.max_steps`` returns ``finished:
-    False`` with its step, state and history, and writes no results.
+    ``'state'`` and its folder under ``'workdir'``. A run stopped by
+    ``config.max_steps`` returns ``finished: False`` with its step, state and
+    history, and writes no results.
   """
-  validate_config(config)
+  validate_config(config, jax.process_count())
   method = methods.get_method(config.method)
   if pipeline is None:
     pipeline = input_pipeline.get_pipeline(config, jax.process_index(), jax.process_count())
   workdir = check_output_dir(workdir)
+  placement = Placement(config, pipeline)  # checks the data layout before any step
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   checkpoints = Checkpoints(checkpoint_dir)
   try:
-    return _train(config, workdir, method, pipeline, checkpoints, resume, progress)
+    results = _train(config, workdir, method, pipeline, placement, checkpoints, resume,
+                     progress and distributed.is_main_process())
   finally:
     checkpoints.close()
+  results["workdir"] = workdir
+  return results
 
 
 @dataclasses.dataclass
@@ -417,7 +515,8 @@ class Run:
     hparams: the method's hyperparameters.
     train_step: the jitted ``train_step(state, batch, rng) -> (state, metrics)``
       (it donates ``state``).
-    predict: the jitted ``predict(params, batch_stats, x) -> logits``.
+    predict: ``predict(params, batch_stats, x) -> logits``, jitted, on this
+      process's devices (weights from :meth:`Placement.local`).
     placement: where states and batches go (:class:`Placement`).
     rng: the key of the training randomness (dropout), folded with the step.
     steps_per_epoch, total_steps: the run's length.
@@ -435,48 +534,68 @@ class Run:
   total_steps: int
 
 
-def create_run(config, pipeline) -> Run:
-  """Builds the model, the optimizer, the initial state and the jitted steps."""
-  method = methods.get_method(config.method)
+def make_model(config, pipeline):
+  """The linen model of ``config`` for ``pipeline``'s classes."""
   model_kwargs = dict(config.get("model_kwargs", {}) or {})
   if config.get("half_precision"):
     model_kwargs.setdefault("dtype", jnp.bfloat16)
-  model = models.get_model(config.model, pipeline.num_classes, **model_kwargs)
+  return models.get_model(config.model, pipeline.num_classes, **model_kwargs)
+
+
+def make_context(config, pipeline, model, batch_stats, *, batch_splits: int | None = None,
+                 axis_name: str | None = None) -> methods.Context:
+  """What the method's transform is built from (:class:`experiments.methods.Context`).
+
+  Args:
+    config, pipeline, model: the run's.
+    batch_stats: the initial BatchNorm statistics.
+    batch_splits: the perturbing methods' groups per step (m-sharpness; see
+      :meth:`Placement.batch_splits`).
+    axis_name: the data axis of a ``pmap`` / ``shard_map`` step (the trainer's
+      ``jax.jit`` step has none).
+  """
+  steps_per_epoch = pipeline.steps_per_epoch
+  lr_schedule, lr_max, lr_min = make_lr_schedule(config, steps_per_epoch)
+  loss_fn, logits_fn = make_loss_fns(model, config.label_smoothing)
+  return methods.Context(
+      loss_fn=loss_fn, logits_fn=logits_fn, lr_schedule=lr_schedule, lr_max=lr_max,
+      lr_min=lr_min, steps_per_epoch=steps_per_epoch,
+      total_steps=config.num_epochs * steps_per_epoch, num_epochs=config.num_epochs,
+      num_examples=pipeline.num_train_examples, num_classes=pipeline.num_classes,
+      model_state=batch_stats, batch_splits=batch_splits, axis_name=axis_name)
+
+
+def create_run(config, pipeline, placement: Placement | None = None) -> Run:
+  """Builds the model, the optimizer, the initial state and the jitted steps."""
+  method = methods.get_method(config.method)
+  placement = placement or Placement(config, pipeline)
+  model = make_model(config, pipeline)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   variables = jax.jit(functools.partial(model.init, train=False))(
       init_rng, jnp.zeros((1,) + tuple(pipeline.input_shape), jnp.float32))
   batch_stats = variables.get("batch_stats", {})
-
-  steps_per_epoch = pipeline.steps_per_epoch
-  total_steps = config.num_epochs * steps_per_epoch
-  lr_schedule, lr_max, lr_min = make_lr_schedule(config, steps_per_epoch)
-  loss_fn, logits_fn = make_loss_fns(model, config.label_smoothing)
-  context = methods.Context(
-      loss_fn=loss_fn, logits_fn=logits_fn, lr_schedule=lr_schedule, lr_max=lr_max,
-      lr_min=lr_min, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-      num_epochs=config.num_epochs, num_examples=pipeline.num_train_examples,
-      num_classes=pipeline.num_classes, model_state=batch_stats)
+  context = make_context(config, pipeline, model, batch_stats,
+                         batch_splits=placement.batch_splits)
   tx, hparams = make_optimizer(config, method, context)
   state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                             batch_stats=batch_stats)
   # A fresh buffer for every leaf: a transform's init may alias the params
   # (e.g. an EMA started as a copy of them), and the step donates the state.
   state = jax.tree.map(jnp.copy, state.replace(step=jnp.asarray(0, jnp.int32)))
-  placement = Placement(config, pipeline)
   return Run(
       method=method, model=model, state=placement.put_state(state), hparams=hparams,
-      train_step=jax.jit(make_train_step(loss_fn, method, make_predict(model)),
-                         donate_argnums=0),
+      train_step=placement.jit_step(make_train_step(context.loss_fn, method,
+                                                    make_predict(model))),
       predict=placement.wrap_predict(jax.jit(make_predict(model))),
-      placement=placement, rng=train_rng, steps_per_epoch=steps_per_epoch,
-      total_steps=total_steps)
+      placement=placement, rng=placement.put_state(train_rng),
+      steps_per_epoch=context.steps_per_epoch, total_steps=context.total_steps)
 
 
-def _train(config, workdir, method, pipeline, checkpoints, resume, progress):
+def _train(config, workdir, method, pipeline, placement, checkpoints, resume, progress):
   if checkpoints.latest_step() is not None and not resume:
     raise UsageError(f"{workdir} already holds checkpoints (step {checkpoints.latest_step()});"
                      " pass --resume to continue that run, or choose another --output-dir.")
-  run = create_run(config, pipeline)
+  run = create_run(config, pipeline, placement)
   state, steps_per_epoch, total_steps = run.state, run.steps_per_epoch, run.total_steps
   history: dict[str, list] = {"epoch": [], "train_loss": [], "train_accuracy": [],
                               "test_accuracy": [], "test_nll": [], "test_ece": []}
@@ -535,8 +654,8 @@ def _train(config, workdir, method, pipeline, checkpoints, resume, progress):
       if step % steps_per_epoch == 0:
         flush()
         if _evaluate_now(config, epoch):
-          _record_epoch(history, epoch, epoch_stats, run.predict,
-                        evaluated_weights(method, state), pipeline, config)
+          _record_epoch(history, epoch, epoch_stats, run,
+                        run.placement.local(evaluated_weights(method, state)), pipeline, config)
           bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}",
                           test_acc=f"{history['test_accuracy'][-1]:.3f}")
         epoch_stats = {"losses": [], "correct": 0, "seen": 0}
@@ -551,62 +670,130 @@ def _train(config, workdir, method, pipeline, checkpoints, resume, progress):
   if step < total_steps:  # stopped at max_steps: no final evaluation
     return {"method": method.name, "step": step, "finished": False, "state": state,
             "history": history}
-  return _final_results(config, workdir, method, run.hparams, run.model, state, pipeline,
-                        history, step_times, run.predict)
+  return _final_results(config, workdir, run, state, pipeline, history, step_times)
+
+
+def check_data_layout(config, num_devices: int, num_processes: int = 1) -> int | None:
+  """Checks that the global batch divides as the run needs; returns its ``batch_splits``.
+
+  The global batch ``B`` is split across ``num_processes`` (each reads ``B /
+  P`` examples) and, data parallel, across ``num_devices`` (``B / n`` per
+  device). ``config.perturbation`` then gives the SAM family's
+  ``batch_splits`` (m-sharpness, ``m = B / batch_splits`` examples per
+  perturbation):
+
+  * ``'device'``: ``n`` (one perturbation per device, as pmap with the local
+    gradient), None on one device;
+  * ``'global'``: None (one perturbation from the global gradient);
+  * ``'split'``: ``config.batch_splits`` (None for 1).
+
+  Args:
+    config: the run's configuration (``batch_size``, ``data_parallel``,
+      ``perturbation``, ``batch_splits``).
+    num_devices: the devices of the run (all processes together).
+    num_processes: the processes.
+
+  Raises:
+    UsageError: naming the numbers, when one does not divide the other.
+  """
+  validate_config(config, num_processes)
+  batch = config.batch_size
+  data_parallel = config.get("data_parallel", True)
+  if num_processes > 1 and not data_parallel:
+    raise UsageError(f"data_parallel=False trains on one device, but this run has"
+                     f" {num_processes} processes; remove --set data_parallel=False.")
+  devices = num_devices if data_parallel else 1
+  if devices > 1 and batch % devices:
+    raise UsageError(f"batch_size={batch} is not divisible by the {devices} devices"
+                     f"{f' of the {num_processes} processes' if num_processes > 1 else ''};"
+                     " change it" + (" or --set data_parallel=False." if num_processes == 1
+                                     else "."))
+  perturbation = config.get("perturbation", "device")
+  if perturbation == "device":
+    return devices if devices > 1 else None
+  if perturbation == "split":
+    splits = config.get("batch_splits", 0)
+    return splits if splits > 1 else None
+  return None
 
 
 class Placement:
   """Where the state and the batches live: one device, or data parallel.
 
   With ``config.data_parallel`` and more than one device, the step is a
-  ``jax.jit`` over a 1-D mesh ``('data',)`` of every device: the state is
-  replicated, each batch is split along its first axis (each process gives
-  its own examples, ``jax.make_array_from_process_local_data``), and XLA
-  inserts the all-reduce. The SAM family then perturbs with the gradient of
-  the whole global batch (synchronized perturbation, m = the global batch);
-  per-device perturbation (m-sharpness) needs the ``pmap`` / ``shard_map``
-  step with ``axis_name`` described in the library's documentation.
+  ``jax.jit`` over a 1-D mesh ``('data',)`` of every device of every process
+  (:func:`experiments.distributed.data_mesh`): the state is replicated, each
+  global batch is split along its first axis (each process gives its own
+  rows, ``jax.make_array_from_process_local_data``), and XLA inserts the
+  all-reduce. The SAM family's perturbation follows ``config.perturbation``
+  (:func:`check_data_layout`): with the default ``'device'`` the transform
+  gets ``batch_splits`` = the device count, which under this sharding is the
+  perturbation of ``pmap`` with each device's local gradient (tested against
+  a ``pmap`` step in ``tests/test_experiments_parallel.py``).
 
-  Limitation: with several processes the training step is global, but the
-  evaluation (which gathers logits on the host) is not yet multi-process.
+  Evaluation runs per process: a local copy of the weights (:meth:`local`)
+  on this process's devices, the process's share of the split sharded across
+  them, the rows of every process gathered afterwards.
   """
 
   def __init__(self, config, pipeline):
+    self.batch_size = pipeline.batch_size
+    self.batch_splits = check_data_layout(config, jax.device_count(), jax.process_count())
+    self.perturbation = config.get("perturbation", "device")
     self.mesh = None
     if config.get("data_parallel", True) and jax.device_count() > 1:
-      devices = jax.device_count()
-      if pipeline.batch_size % devices:
-        raise UsageError(f"batch_size={pipeline.batch_size} is not divisible by the"
-                         f" {devices} devices; change it or --set data_parallel=False.")
-      if jax.process_count() == 1 and config.eval_batch_size % devices:
-        raise UsageError(f"eval_batch_size={config.eval_batch_size} is not divisible by the"
-                         f" {devices} devices.")
-      self.mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
-      self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-      self.sharded = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+      self.mesh = distributed.data_mesh()
+      self.replicated = distributed.replicated(self.mesh)
+      self.sharded = distributed.batch_sharded(self.mesh)
+      local_mesh = distributed.data_mesh(jax.local_devices())
+      self.local_replicated = distributed.replicated(local_mesh)
+      self.local_sharded = distributed.batch_sharded(local_mesh)
 
   def put_state(self, state):
-    return state if self.mesh is None else jax.device_put(state, self.replicated)
+    """``state`` replicated on every device (unchanged on one device)."""
+    return state if self.mesh is None else distributed.replicate(state, self.replicated)
 
   def put_batch(self, batch):
+    """This process's rows of a global batch, as one global array per key."""
     if self.mesh is None:
       return jax.device_put(batch)
-    return {k: jax.make_array_from_process_local_data(self.sharded, v)
-            for k, v in batch.items()}
+    return {k: jax.make_array_from_process_local_data(
+        self.sharded, v, (self.batch_size,) + np.shape(v)[1:]) for k, v in batch.items()}
+
+  def jit_step(self, train_step):
+    """The jitted step; data parallel, its outputs stay replicated."""
+    if self.mesh is None:
+      return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0, out_shardings=self.replicated)
+
+  def local(self, tree):
+    """This process's copy of replicated weights, on its own devices (for evaluation)."""
+    return tree if self.mesh is None else distributed.local_copy(tree, self.local_replicated)
 
   def wrap_predict(self, predict):
-    if self.mesh is None or jax.process_count() > 1:
+    """``predict`` with ``x`` padded and sharded across this process's devices."""
+    if self.mesh is None:
       return predict
-    devices = jax.device_count()
+    devices = jax.local_device_count()
 
     def sharded_predict(params, batch_stats, x):
       n = len(x)
       padding = -n % devices
       if padding:
         x = np.concatenate([x, np.zeros((padding,) + x.shape[1:], x.dtype)])
-      return predict(params, batch_stats, jax.device_put(x, self.sharded))[:n]
+      return predict(params, batch_stats, jax.device_put(x, self.local_sharded))[:n]
 
     return sharded_predict
+
+  def describe(self, method: methods.Method) -> dict[str, Any] | None:
+    """The m-sharpness of this run, for ``results.json`` (None without a perturbation)."""
+    if not method.perturbs:
+      return None
+    groups = self.batch_splits or 1
+    return {"perturbation": self.perturbation, "batch_splits": groups,
+            "examples_per_perturbation": self.batch_size // groups,
+            "devices": jax.device_count() if self.mesh is not None else 1,
+            "processes": jax.process_count()}
 
 
 def _evaluate_now(config, epoch: int) -> bool:
@@ -614,8 +801,8 @@ def _evaluate_now(config, epoch: int) -> bool:
   return (epoch + 1) % every == 0 or epoch + 1 == config.num_epochs
 
 
-def _record_epoch(history, epoch, epoch_stats, predict, weights, pipeline, config):
-  logits, labels = collect_logits(predict, weights, pipeline.eval_batches(),
+def _record_epoch(history, epoch, epoch_stats, run, weights, pipeline, config):
+  logits, labels = collect_logits(run.predict, weights, pipeline.eval_batches(),
                                   config.eval_batch_size)
   losses = epoch_stats["losses"]
   history["epoch"].append(epoch + 1)
@@ -628,29 +815,31 @@ def _record_epoch(history, epoch, epoch_stats, predict, weights, pipeline, confi
 
 def _check_same_run(saved: Mapping[str, Any], config) -> None:
   for key in ("method", "dataset", "model", "seed", "batch_size", "num_epochs",
-              "learning_rate", "label_noise"):
-    if key in saved and saved[key] != config[key]:
+              "learning_rate", "label_noise", "perturbation", "batch_splits"):
+    if key in saved and key in config and saved[key] != config[key]:
       raise UsageError(f"--resume: the checkpoint was written with {key}={saved[key]!r}, but"
                        f" this run has {key}={config[key]!r}; use the same settings or"
                        " another --output-dir.")
 
 
-def _final_results(config, workdir, method, hparams, model, state, pipeline, history,
-                   step_times, predict):
-  weights = evaluated_weights(method, state)
+def _final_results(config, workdir, run, state, pipeline, history, step_times):
+  method, predict = run.method, run.predict
+  weights = run.placement.local(evaluated_weights(method, state))
   logits, labels = collect_logits(predict, weights, pipeline.eval_batches(),
                                   config.eval_batch_size)
   test = classification_metrics(logits, labels)
   diagram = metrics.reliability_diagram(logits, labels, num_bins=15)
   sample = pipeline.train_sample(config.get("hessian_examples", 1000))
   iterations = config.get("hessian_iters", 20)
-  eigenvalue = hessian_eigenvalue(model, weights, sample, iterations, config.seed) \
+  eigenvalue = hessian_eigenvalue(run.model, weights, sample, iterations, config.seed) \
       if iterations > 0 else None
-  train_logits, train_labels = collect_logits(predict, weights, [sample], len(sample["y"]))
+  train_logits, train_labels = collect_logits(predict, weights, [sample], len(sample["y"]),
+                                              across_processes=False)
+  splits = run.placement.batch_splits if method.perturbs else None
   results = {
       "method": method.name,
       "summary": method.summary,
-      "hparams": hparams,
+      "hparams": run.hparams,
       "dataset": config.dataset,
       "model": config.model,
       "label_noise": config.label_noise,
@@ -662,17 +851,20 @@ def _final_results(config, workdir, method, hparams, model, state, pipeline, his
       "train_sample_accuracy": metrics.accuracy(train_logits, train_labels),
       "hessian_top_eigenvalue": eigenvalue,
       "time_per_step_s": float(np.median(step_times)) if step_times else None,
-      "gradients_per_step": method.gradients,
+      # batch_splits recomputes each group's gradient: one more pass.
+      "gradients_per_step": method.gradients + (1 if splits else 0),
       "forwards_per_step": method.forwards,
+      "m_sharpness": run.placement.describe(method),
       "history": history,
       "reliability_diagram": {k: np.asarray(v) for k, v in diagram.items()},
       "config": config.to_dict(),
   }
   if method.eval_weights is not None:
-    live, _ = collect_logits(predict, (state.params, state.batch_stats),
+    live, _ = collect_logits(predict, run.placement.local((state.params, state.batch_stats)),
                              pipeline.eval_batches(), config.eval_batch_size)
     results["test_trained_weights"] = classification_metrics(live, labels)
-  _write_json(os.path.join(workdir, "results.json"), results)
+  if distributed.is_main_process():
+    _write_json(os.path.join(workdir, "results.json"), results)
   results["state"] = state
   return results
 
@@ -733,6 +925,13 @@ _RUN_FLAGS = [
     ("--seed", "seed", int, "seed of initialization, shuffling and augmentation"),
     ("--checkpoint-every", "checkpoint_every_steps", int,
      "save a checkpoint every N steps (0: only at the end)"),
+    ("--perturbation", "perturbation", str,
+     "where the SAM family perturbs (m-sharpness): device (default: one perturbation per"
+     " device's shard, as in the SAM paper), global (one from the global batch's gradient)"
+     " or split (--batch-splits M groups of the global batch)"),
+    ("--batch-splits", "batch_splits", int,
+     "with --perturbation split: M groups per step, each perturbed with its own gradient"
+     " (m = batch_size / M)"),
 ]
 
 # Method hyperparameters: (flag, name, type, help); applied to the chosen method.
@@ -759,6 +958,12 @@ _EPILOG = """examples:
   python -m experiments.train --output-dir runs/sam --resume   # continue it
   python -m experiments.train --config experiments/configs/cifar10_wrn28_10.py \\
       --method csam --data-dir ~/tensorflow_datasets
+  # two processes (run both; the first is the coordinator):
+  python -m experiments.train --method sam --coordinator-address 10.0.0.1:1234 \\
+      --num-processes 2 --process-id 0 --output-dir /shared/runs/sam
+  # every host of a TPU pod slice (see experiments/README.md):
+  python -m experiments.train --config experiments/configs/imagenet_resnet50.py \\
+      --method sam --distributed --data-dir gs://BUCKET/tfds --output-dir gs://BUCKET/runs/sam
 """
 
 
@@ -790,6 +995,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="any other config value (repeatable), e.g. --set"
                            " model_kwargs.width=0.5 --set hparams.gsam.alpha=0.2")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  hosts = parser.add_argument_group(
+      "several processes (multi-host; every process runs the same command with its own id)")
+  hosts.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                     help="process 0's host and a free port (default: $"
+                          f"{distributed.ENV_COORDINATOR})")
+  hosts.add_argument("--num-processes", type=int, default=None, metavar="N",
+                     help=f"the number of processes (default: ${distributed.ENV_NUM_PROCESSES})")
+  hosts.add_argument("--process-id", type=int, default=None, metavar="I",
+                     help="this process's id, 0 ... N-1 (default:"
+                          f" ${distributed.ENV_PROCESS_ID})")
+  hosts.add_argument("--distributed", action="store_true",
+                     help="call jax.distributed.initialize() and let JAX detect the cluster"
+                          " (TPU pod slices, SLURM, Open MPI); flags given above are passed on")
   return parser
 
 
@@ -827,26 +1045,44 @@ def run_cli(argv: Sequence[str] | None, body) -> int:
   return 0
 
 
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+  """The run that the parsed command line asks for; its results (see :func:`train_and_evaluate`).
+
+  Checks the flags and the config, then starts ``jax.distributed`` when
+  several processes are asked for (:mod:`experiments.distributed`) -- before
+  anything touches a device -- and trains.
+  """
+  spec = distributed.process_spec(args.coordinator_address, args.num_processes,
+                                   args.process_id, auto=args.distributed)
+  config = config_from_args(args)
+  validate_config(config, spec.num_processes if spec is not None else None)
+  distributed.initialize(spec)
+  workdir = args.output_dir
+  if workdir is None:  # one time stamp for every process: process 0's
+    stamp = time.localtime(distributed.broadcast_from_main(int(time.time())))
+    workdir = os.path.join(
+        "runs", f"{config.method}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S', stamp)}")
+  return train_and_evaluate(config, workdir, resume=args.resume, progress=not args.no_progress)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """The CLI: one run, results in ``--output-dir``."""
   parser = build_parser()
   args = parser.parse_args(argv)
 
   def body():
-    config = config_from_args(args)
-    validate_config(config)
-    workdir = args.output_dir or os.path.join(
-        "runs", f"{config.method}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    results = train_and_evaluate(config, workdir, resume=args.resume,
-                                 progress=not args.no_progress)
+    results = run_from_args(args)
+    if not distributed.is_main_process():
+      return
+    workdir = results["workdir"]
     if not results.get("finished"):
-      print(f"stopped at step {results['step']}; checkpoint in {os.path.abspath(workdir)}")
+      print(f"stopped at step {results['step']}; checkpoint in {workdir}")
       return
     test = results["test"]
     print(f"{results['method']}: test accuracy {test['accuracy']:.4f}, NLL {test['nll']:.4f},"
           f" ECE {test['ece']:.4f}, λ_max {results['hessian_top_eigenvalue']}, "
           f"{1e3 * (results['time_per_step_s'] or math.nan):.2f} ms/step")
-    print(f"results: {os.path.join(os.path.abspath(workdir), 'results.json')}")
+    print(f"results: {os.path.join(workdir, 'results.json')}")
 
   return run_cli(argv, body)
 

@@ -178,12 +178,16 @@ def test_step_cost_in_flops(pipeline):
 
 
 def test_data_parallel_step_equals_single_device(tmp_path, trained):
-  """jit over 8 devices (synchronized perturbation) = the one-device run."""
+  """jit over 8 devices, one perturbation for the global batch = the one-device run.
+
+  (The default per-device perturbation is compared with pmap in
+  tests/test_experiments_parallel.py.)
+  """
   if jax.device_count() < 2:
     pytest.skip("needs several devices (the conftest makes 8 CPU devices)")
   single = trained["sam"][0]
   parallel = run(tiny_config(method="sam", num_epochs=EPOCHS, data_parallel=True,
-                             eval_batch_size=200), tmp_path)
+                             perturbation="global", eval_batch_size=200), tmp_path)
   assert len(parallel["state"].params["Dense_0"]["kernel"].sharding.device_set) == \
       jax.device_count()
   chex.assert_trees_all_close(parallel["state"].params, single["state"].params,

@@ -74,8 +74,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.hparams.mesa.decay = 0.994
 
   config.seed = 0
-  # With several devices: jit over a ('data',) mesh, batch split across devices.
+  # With several devices: jit over a ('data',) mesh, batch split across devices
+  # (and across processes: each reads batch_size / processes examples).
   config.data_parallel = True
+  # m-sharpness of the SAM family: 'device' = one perturbation per device's
+  # shard of the batch (the SAM paper; batch_splits = the device count, one
+  # extra gradient evaluation for each shard's own gradient), 'global' = one from
+  # the global batch's gradient (= the single-device step on the whole batch),
+  # 'split' = batch_splits groups of the global batch. One device: 'device'
+  # and 'global' are the same step.
+  config.perturbation = "device"
+  config.batch_splits = 0
   config.checkpoint_every_steps = 0
   config.max_steps = 0
   config.hessian_iters = 20

@@ -7,11 +7,15 @@ to 224 and flip, bfloat16 activations. ρ: SAM / CSAM 0.05, ASAM 1.0; SAF
 Ẽ = 2 (METHODS.md). Reported top-1 (%): SGD 76.97 / SAM 77.32 / CSAM 77.95
 (CSAM paper); SGD 76.0 / SAM 76.9 / SAF 77.8 / MESA 77.5 (SAF paper, batch 1024).
 
-The same file runs unchanged on one host or a pod slice: every process reads
-its own slice of the training split, the batch is split across all devices
-(``data_parallel``), checkpoints go to ``--output-dir`` (a shared path such as
-a GCS bucket on a pod). Needs ``imagenet2012`` prepared in TFDS (manual
-download; ``--set data_dir=...``).
+The same file runs unchanged on one host or a pod slice (the launch command is
+in ``experiments/README.md``, "ImageNet ResNet-50 on a TPU pod slice"): with
+``--distributed`` every host starts ``jax.distributed``, reads its own
+``1/P`` slice of the training split (``4096 / P`` examples per step), the
+batch is split across all devices (``data_parallel``), SAM perturbs once per
+device (``perturbation = 'device'``: m = 4096 / devices, as in the paper's TPU
+runs), every host evaluates its share of the validation split (gathered), and
+checkpoints go to ``--output-dir`` (a path every host sees, e.g. ``gs://...``).
+Needs ``imagenet2012`` prepared in TFDS (manual download; ``--data-dir``).
 
 SAF's logit bank is ``(Ẽ + 1) × 1,281,167 × 1000`` entries (15 GB in float32,
 7.7 GB in bfloat16) and is replicated on every device by this trainer; run
@@ -56,6 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.hparams.asam.rho = 1.0
   config.hparams.saf.past_epochs = 2
   config.hparams.mesa.decay = 0.9998
+
+  # One perturbation per device (the SAM paper's m-sharpness on TPUs).
+  config.perturbation = "device"
+  config.batch_splits = 0
 
   config.checkpoint_every_steps = 2000
   config.hessian_iters = 10
