@@ -78,8 +78,8 @@ def looksam(
     layout that misses the fast convolution routine (jax-ml/jax#12868), so
     for convolutional models on CPU the SAM steps of this method run several
     times slower than :func:`sam_optax.sam`'s (measured in
-    ``benchmarks/RESULTS.md``); flops are as expected and GPUs/TPUs are not
-    affected. On CPU, choose between two jitted steps in Python instead
+    ``benchmarks/RESULTS.md``); flops are as expected. The cause is XLA:CPU's
+    layout assignment; accelerators were not measured here. On CPU, choose between two jitted steps in Python instead
     (one with ``sam``, one plain) when it matters.
 
   Args:
