@@ -88,8 +88,9 @@ def every_k(
     for convolutional models on CPU the SAM steps of this method run several
     times slower than :func:`sam_optax.sam`'s (measured in
     ``benchmarks/RESULTS.md``); flops are as expected. The cause is XLA:CPU's
-    layout assignment; accelerators were not measured here. On CPU, choose between two jitted steps in Python instead
-    (one with ``sam``, one plain) when it matters.
+    layout assignment; accelerators were not measured here. On CPU, choose
+    between two jitted steps in Python instead (one with ``sam``, one plain)
+    when it matters.
 
   On a skipped step the inner state is kept, except that its step counters
   (NamedTuple fields named ``count``) advance, so ρ schedules follow the

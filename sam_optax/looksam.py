@@ -79,8 +79,9 @@ def looksam(
     for convolutional models on CPU the SAM steps of this method run several
     times slower than :func:`sam_optax.sam`'s (measured in
     ``benchmarks/RESULTS.md``); flops are as expected. The cause is XLA:CPU's
-    layout assignment; accelerators were not measured here. On CPU, choose between two jitted steps in Python instead
-    (one with ``sam``, one plain) when it matters.
+    layout assignment; accelerators were not measured here. On CPU, choose
+    between two jitted steps in Python instead (one with ``sam``, one plain)
+    when it matters.
 
   Args:
     rho: ρ ≥ 0, a float or an optax schedule (of the global step).
