@@ -543,6 +543,29 @@ def wrapper_axis(
   return axis_name
 
 
+def map_batch_arguments(
+    method: str,
+    extra_args: Mapping[str, Any],
+    names: Sequence[str],
+    purpose: str,
+    leaf_fn: Callable[[Any, jax.Array], jax.Array],
+) -> dict[str, Any]:
+  """``leaf_fn(path, leaf)`` on every leaf of the extra arguments in ``names``.
+
+  Raises:
+    ValueError: if ``update`` got no argument of one of the names; the
+      message says ``purpose`` (what the method does with them).
+  """
+  missing = [name for name in names if name not in extra_args]
+  if missing:
+    raise ValueError(
+        f"{method}: {purpose} the extra arguments {list(names)}, but update()"
+        f" got no {missing}; it got {sorted(extra_args)}. Set batch_argnames to"
+        " the names of the batch arguments.")
+  return {name: jax.tree_util.tree_map_with_path(leaf_fn, extra_args[name])
+          for name in names}
+
+
 def split_arguments(
     method: str,
     extra_args: Mapping[str, Any],
@@ -550,13 +573,6 @@ def split_arguments(
     splits: int,
 ) -> dict[str, Any]:
   """The named extra arguments, each leaf reshaped ``[B, ...] → [splits, B/splits, ...]``."""
-  missing = [name for name in names if name not in extra_args]
-  if missing:
-    raise ValueError(
-        f"{method}: batch_splits={splits} splits the extra arguments"
-        f" {list(names)} along axis 0, but update() got no {missing}; it got"
-        f" {sorted(extra_args)}. Set batch_argnames to the names of the batch"
-        " arguments.")
 
   def split(path, leaf):
     shape = jnp.shape(leaf)
@@ -567,10 +583,9 @@ def split_arguments(
           f" {jax.tree_util.keystr(path) or 'the argument'} has shape {shape}.")
     return jnp.reshape(leaf, (splits, shape[0] // splits) + shape[1:])
 
-  return {
-      name: jax.tree_util.tree_map_with_path(split, extra_args[name])
-      for name in names
-  }
+  return map_batch_arguments(
+      method, extra_args, names,
+      f"batch_splits={splits} splits along axis 0", split)
 
 
 def mean_over_axis(tree: Any, axis_name: str | None) -> Any:

@@ -227,14 +227,6 @@ def _per_example(loss_fn: LossFn, has_aux: bool) -> Callable[..., jax.Array]:
 def _select(method: str, arguments: Mapping[str, Any], names: Sequence[str],
             selected: jax.Array, batch: int) -> dict[str, Any]:
   """The named batch arguments gathered to the ``selected`` examples."""
-  missing = [name for name in names if name not in arguments]
-  if missing:
-    raise ValueError(
-        f"{method}: the data selection gathers the examples of the extra"
-        f" arguments {list(names)}, but update() got no {missing}; it got"
-        f" {sorted(arguments)}. Set batch_argnames to the names of the batch"
-        " arguments.")
-
   def take(path, leaf):
     shape = jnp.shape(leaf)
     if not shape or shape[0] != batch:
@@ -245,5 +237,5 @@ def _select(method: str, arguments: Mapping[str, Any], names: Sequence[str],
           f" shape {shape}.")
     return jnp.take(leaf, selected, axis=0)
 
-  return {**arguments, **{
-      name: jax.tree_util.tree_map_with_path(take, arguments[name]) for name in names}}
+  return {**arguments, **_ascent.map_batch_arguments(
+      method, arguments, names, "the data selection gathers the examples of", take)}
