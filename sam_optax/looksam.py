@@ -74,14 +74,8 @@ def looksam(
   replicated.
 
   .. note::
-    On XLA:CPU the convolution gradients inside a ``lax.cond`` branch get a
-    layout that misses the fast convolution routine (jax-ml/jax#12868), so
-    for convolutional models on CPU the SAM steps of this method run several
-    times slower than :func:`sam_optax.sam`'s (measured in
-    ``benchmarks/RESULTS.md``); flops are as expected. The cause is XLA:CPU's
-    layout assignment; accelerators were not measured here. On CPU, choose
-    between two jitted steps in Python instead (one with ``sam``, one plain)
-    when it matters.
+    The SAM step runs inside a ``lax.cond``, which is slow for convolutions
+    on XLA:CPU; see the note of :func:`sam_optax.every_k`.
 
   Args:
     rho: ρ ≥ 0, a float or an optax schedule (of the global step).
