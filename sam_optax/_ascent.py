@@ -17,9 +17,14 @@ base optimizer. This module holds the pieces they share, written once:
   (:func:`make_gradient_fn`);
 * the renormalization ``(‖g‖ / (‖g̃‖ + δ)) · g̃`` (:func:`rescale_to_norm`);
 * the transformation skeleton (:func:`surrogate_transformation`) that turns a
-  method's ``compute`` rule into an ``optax.GradientTransformationExtraArgs``
-  with a :class:`SAMState`, averaging the result across ``axis_name`` exactly
-  once (m-sharpness: every device perturbs with its own gradient).
+  method's rule into an ``optax.GradientTransformationExtraArgs`` with a
+  :class:`SAMState`, averaging the result across ``axis_name`` exactly once
+  (m-sharpness: every device perturbs with its own gradient), or perturbing
+  with the all-reduced gradient (``sync_perturbation``), or per group of
+  examples (``batch_splits``, :func:`split_arguments`);
+* what wrappers of a method share (:func:`check_inner`, :func:`wrapper_axis`,
+  :func:`cond`, :func:`advance_counts`) and the scheduling aid
+  :func:`sequenced`.
 """
 
 from __future__ import annotations
