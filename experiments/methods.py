@@ -94,7 +94,8 @@ class Method:
   Attributes:
     name: the registry key (``--method``).
     summary: one line for ``--help`` and the results table.
-    gradients: gradient evaluations per step (SGD = 1).
+    gradients: gradient evaluations per step (SGD = 1), or a function of the
+      hyperparameters (LookSAM, interval SAM: ``1 + 1/k``).
     forwards: extra forward passes without gradient per step (MESA's EMA).
     defaults: hyperparameters and their defaults (the papers' values).
     build: ``build(context, hparams) -> transform or None`` (None: the plain
@@ -116,7 +117,7 @@ class Method:
 
   name: str
   summary: str
-  gradients: int
+  gradients: float | Callable[[Mapping[str, Any]], float]
   forwards: int
   defaults: Mapping[str, Any]
   build: Callable[[Context, Mapping[str, Any]], optax.GradientTransformation | None]
@@ -126,8 +127,31 @@ class Method:
   perturbs: bool = False
 
 
+  def gradients_per_step(self, hparams: Mapping[str, Any]) -> float:
+    """Gradient evaluations per step with these hyperparameters."""
+    return self.gradients(hparams) if callable(self.gradients) else self.gradients
+
+
 def _sam(ctx, h):
   return sam_optax.sam(h["rho"], loss_fn=ctx.loss_fn, has_aux=True, **ctx.data_parallel)
+
+
+def _usam(ctx, h):
+  return sam_optax.usam(h["rho"], loss_fn=ctx.loss_fn, has_aux=True, **ctx.data_parallel)
+
+
+def _looksam(ctx, h):
+  return sam_optax.looksam(h["rho"], k=h["k"], alpha=h["alpha"], loss_fn=ctx.loss_fn,
+                           has_aux=True, **ctx.data_parallel)
+
+
+def _interval_sam(ctx, h):
+  return sam_optax.interval_sam(h["rho"], k=h["k"], loss_fn=ctx.loss_fn, has_aux=True,
+                                **ctx.data_parallel)
+
+
+def _one_in_k(h):
+  return 1 + 1 / h["k"]
 
 
 def _csam(ctx, h):
@@ -217,6 +241,12 @@ METHODS: dict[str, Method] = {
     m.name: m for m in [
         Method("sgd", "the base optimizer alone", 1, 0, {}, lambda ctx, h: None),
         Method("sam", "SAM, Foret et al. 2021", 2, 0, {"rho": 0.05}, _sam, perturbs=True),
+        Method("usam", "unnormalized SAM, Andriushchenko & Flammarion 2022", 2, 0,
+               {"rho": 0.05}, _usam, perturbs=True),
+        Method("looksam", "LookSAM, Liu et al. 2022", _one_in_k, 0,
+               {"rho": 0.05, "k": 5, "alpha": 0.7}, _looksam, perturbs=True),
+        Method("interval_sam", "SAM every k steps (interval SAM)", _one_in_k, 0,
+               {"rho": 0.05, "k": 5}, _interval_sam, perturbs=True),
         Method("csam", "calibrated SAM, ICLR 2026", 2, 0, {"rho": 0.05, "gamma": 1.0}, _csam,
                perturbs=True),
         Method("stable_sam", "StableSAM (renormalized USAM), Tan et al.", 2, 0,

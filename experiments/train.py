@@ -852,7 +852,7 @@ def _final_results(config, workdir, run, state, pipeline, history, step_times):
       "hessian_top_eigenvalue": eigenvalue,
       "time_per_step_s": float(np.median(step_times)) if step_times else None,
       # batch_splits recomputes each group's gradient: one more pass.
-      "gradients_per_step": method.gradients + (1 if splits else 0),
+      "gradients_per_step": method.gradients_per_step(run.hparams) + (1 if splits else 0),
       "forwards_per_step": method.forwards,
       "m_sharpness": run.placement.describe(method),
       "history": history,
@@ -938,7 +938,8 @@ _RUN_FLAGS = [
 _METHOD_FLAGS = [
     ("--rho", "rho", float, "neighbourhood radius ρ (SAM family; GSAM's ρ_max)"),
     ("--rho-min", "rho_min", float, "GSAM's ρ_min / BSAM's ρ_min (follows the lr schedule)"),
-    ("--alpha", "alpha", float, "GSAM's α"),
+    ("--alpha", "alpha", float, "GSAM's α / LookSAM's α"),
+    ("--k", "k", int, "LookSAM / interval SAM: the full SAM step every k steps"),
     ("--gamma", "gamma", float, "CSAM's γ"),
     ("--eta", "eta", float, "ASAM's η"),
     ("--normalize", "normalize", lambda s: s.lower() in ("1", "true", "yes"),
