@@ -115,6 +115,13 @@ def check_non_negative(name: str, value: float, method: str) -> None:
     raise ValueError(f"{method}: {name} must be finite and >= 0, got {name}={value!r}.")
 
 
+def check_int(name: str, value: Any, minimum: int, method: str) -> None:
+  """Raises ``ValueError`` unless ``value`` is an int ``>= minimum``."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    raise ValueError(
+        f"{method}: {name} must be an int >= {minimum}, got {name}={value!r}.")
+
+
 def check_in_range(name: str, value: float, low: float, high: float, method: str) -> None:
   """Raises ``ValueError`` unless ``low <= value <= high``."""
   if not isinstance(value, numbers.Real) or not low <= value <= high:

@@ -122,8 +122,7 @@ def every_k(
   method = "every_k"
   inner = _ascent.check_inner(method, inner)
   axis_name = _ascent.wrapper_axis(method, inner, axis_name)
-  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-    raise ValueError(f"{method}: k must be an int >= 1, got k={k!r}.")
+  _ascent.check_int("k", k, 1, method)
 
   def init(params):
     return IntervalState(count=jnp.zeros([], jnp.int32), inner=inner.init(params))

@@ -108,8 +108,7 @@ def looksam(
     6
   """
   method = "looksam"
-  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-    raise ValueError(f"{method}: k must be an int >= 1, got k={k!r}.")
+  _ascent.check_int("k", k, 1, method)
   _ascent.check_non_negative("alpha", alpha, method)
   _ascent.check_positive("eps", eps, method)
   inner = sam(rho, loss_fn=loss_fn, has_aux=has_aux, axis_name=axis_name,

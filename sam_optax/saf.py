@@ -61,13 +61,6 @@ class TrajectorySchedule(NamedTuple):
     return jnp.where(active, self.lam, jnp.zeros_like(self.lam))
 
 
-def check_int(name: str, value: Any, minimum: int, method: str) -> None:
-  """Raises ``ValueError`` unless ``value`` is an int ``>= minimum``."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(
-        f"{method}: {name} must be an int >= {minimum}, got {name}={value!r}.")
-
-
 def make_schedule(
     method: str,
     *,
@@ -83,14 +76,14 @@ def make_schedule(
   if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
     raise ValueError(f"{method}: lam (λ) must be finite and >= 0, got lam={lam!r}.")
   _ascent.check_positive("tau", tau, method)
-  check_int("steps_per_epoch", steps_per_epoch, 1, method)
-  check_int("start_epoch", start_epoch, 0, method)
+  _ascent.check_int("steps_per_epoch", steps_per_epoch, 1, method)
+  _ascent.check_int("start_epoch", start_epoch, 0, method)
   if start_epoch < min_start_epoch:
     raise ValueError(
         f"{method}: start_epoch={start_epoch} must be >= {min_start_epoch}"
         f"{why_min_start}.")
   if end_epoch is not None:
-    check_int("end_epoch", end_epoch, 0, method)
+    _ascent.check_int("end_epoch", end_epoch, 0, method)
     if end_epoch <= start_epoch + 1:
       raise ValueError(
           f"{method}: the trajectory loss is on for start_epoch < epoch <"
@@ -319,9 +312,9 @@ def saf(
     (2, 6, 2)
   """
   method = "saf"
-  check_int("num_examples", num_examples, 1, method)
-  check_int("num_classes", num_classes, 1, method)
-  check_int("past_epochs", past_epochs, 1, method)
+  _ascent.check_int("num_examples", num_examples, 1, method)
+  _ascent.check_int("num_classes", num_classes, 1, method)
+  _ascent.check_int("past_epochs", past_epochs, 1, method)
   schedule = make_schedule(
       method, lam=lam, tau=tau, steps_per_epoch=steps_per_epoch,
       start_epoch=start_epoch, end_epoch=end_epoch, min_start_epoch=past_epochs,
