@@ -11,7 +11,6 @@ Checks, for every method of the core family:
 * bad data-parallel input fails with a clear error before any step runs.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -160,37 +159,40 @@ def test_per_device_sam_matches_numpy(problem):
 STEPS = 3
 
 
-def train_pmap(name, params, batch):
-  tx = optax.chain(METHODS[name](axis_name=AXIS), optax.sgd(0.1, momentum=0.9))
+def training_step(tx):
+  """One plain training step with ``tx``; the caller maps it over devices."""
 
-  @functools.partial(jax.pmap, axis_name=AXIS)
   def step(params, state, batch):
     grads = jax.grad(loss_fn)(params, batch)
     updates, state = tx.update(grads, state, params, batch=batch)
     return optax.apply_updates(params, updates), state
 
-  params, state = replicate(params), replicate(tx.init(params))
+  return step
+
+
+def run_steps(step, params, state, batch):
   for _ in range(STEPS):
-    params, state = step(params, state, shards(batch))
+    params, state = step(params, state, batch)
+  return params
+
+
+def base_and(method):
+  return optax.chain(method, optax.sgd(0.1, momentum=0.9))
+
+
+def train_pmap(name, params, batch):
+  tx = base_and(METHODS[name](axis_name=AXIS))
+  step = jax.pmap(training_step(tx), axis_name=AXIS)
+  params = run_steps(step, replicate(params), replicate(tx.init(params)), shards(batch))
   return jax.tree.map(lambda a: a[0], params)
 
 
 def train_shard_map(name, params, batch):
   mesh = Mesh(np.array(jax.devices()[:N_DEVICES]), (AXIS,))
-  tx = optax.chain(METHODS[name](axis_name=AXIS), optax.sgd(0.1, momentum=0.9))
-
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), P(AXIS)),
-                     out_specs=(P(), P()), check_vma=False)
-  def step(params, state, batch):
-    grads = jax.grad(loss_fn)(params, batch)
-    updates, state = tx.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state
-
-  state = tx.init(params)
-  for _ in range(STEPS):
-    params, state = step(params, state, batch)
-  return params
+  tx = base_and(METHODS[name](axis_name=AXIS))
+  step = jax.jit(jax.shard_map(training_step(tx), mesh=mesh, in_specs=(P(), P(), P(AXIS)),
+                               out_specs=(P(), P()), check_vma=False))
+  return run_steps(step, params, tx.init(params), batch)
 
 
 def train_sharded_jit(name, params, batch):
@@ -198,19 +200,10 @@ def train_sharded_jit(name, params, batch):
   mesh = Mesh(np.array(jax.devices()[:N_DEVICES]), (AXIS,))
   batch = jax.device_put(batch, NamedSharding(mesh, P(AXIS)))
   params = jax.device_put(params, NamedSharding(mesh, P()))
-  tx = optax.chain(METHODS[name](batch_splits=N_DEVICES), optax.sgd(0.1, momentum=0.9))
-
-  @jax.jit
-  def step(params, state, batch):
-    grads = jax.grad(loss_fn)(params, batch)
-    updates, state = tx.update(grads, state, params, batch=batch)
-    return optax.apply_updates(params, updates), state
-
-  state = tx.init(params)
-  for _ in range(STEPS):
-    params, state = step(params, state, batch)
+  tx = base_and(METHODS[name](batch_splits=N_DEVICES))
+  trained = run_steps(jax.jit(training_step(tx)), params, tx.init(params), batch)
   assert batch[0].sharding.spec == P(AXIS)
-  return params
+  return trained
 
 
 @pytest.mark.parametrize("name", ["sam", "asam", "gsam", "bsam", "csam"])
