@@ -118,6 +118,11 @@ class Case:
     return problem.logits_fn is not None or not self.classification_only
 
 
+def per_device(axis_name):
+  """The per-device option on ``axis_name`` (None: one device)."""
+  return None if axis_name is None else sam_optax.PerDevice(axis_name)
+
+
 def _grad_at(problem, batch):
   return lambda w: problem.grad(w, batch)
 
@@ -129,7 +134,7 @@ def _loss_case(name, constructor, reference, rho, zero=None, **hyper) -> Case:
   return Case(
       name,
       lambda p, axis_name=None: constructor(
-          rho, loss_fn=p.loss_fn, axis_name=axis_name, **hyper),
+          rho, loss_fn=p.loss_fn, perturbation=per_device(axis_name), **hyper),
       lambda g, w, p, b, t: reference(g, w, _grad_at(p, b), rho, **hyper),
       lambda p: constructor(0.0, loss_fn=p.loss_fn, **{**hyper, **(zero or {})}),
   )
@@ -146,7 +151,8 @@ def _base_cases() -> list[Case]:
       Case(
           "csam",
           lambda p, axis_name=None: sam_optax.csam(
-              RHO, gamma=GAMMA, logits_fn=p.logits_fn, axis_name=axis_name),
+              RHO, gamma=GAMMA, logits_fn=p.logits_fn,
+              perturbation=per_device(axis_name)),
           lambda g, w, p, b, t: ref.csam(
               g, w, lambda v: p.calibrated_grad(v, b, GAMMA), RHO),
           # With ρ = 0 CSAM returns the calibrated gradient at w, which is the

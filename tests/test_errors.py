@@ -113,8 +113,15 @@ def test_loss_fn_not_callable():
 
 
 def test_axis_name_not_a_string():
-  with pytest.raises(TypeError, match=r"axis_name must be a string or None"):
-    sam_optax.sam(0.05, loss_fn=loss_fn, axis_name=0)
+  with pytest.raises(TypeError, match=r"PerDevice: axis_name must be a non-empty string .* got 0"):
+    sam_optax.PerDevice(0)
+  with pytest.raises(TypeError, match=r"stable_sam: axis_name must be a non-empty string or None, got 0"):
+    sam_optax.stable_sam(sam_optax.sam(0.05, loss_fn=loss_fn), axis_name=0)
+
+
+def test_perturbation_not_an_option():
+  with pytest.raises(TypeError, match=r"sam: perturbation must be None, sam_optax.PerDevice.*got str 'data'"):
+    sam_optax.sam(0.05, loss_fn=loss_fn, perturbation="data")
 
 
 # --------------------------------------------------------------------------
@@ -241,7 +248,7 @@ def test_mismatched_shapes():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: sam_optax.sam(0.05, loss_fn=loss_fn, axis_name="data"),
+    lambda: sam_optax.sam(0.05, loss_fn=loss_fn, perturbation=sam_optax.PerDevice("data")),
     lambda: sam_optax.stable_sam(sam_optax.usam(0.05, loss_fn=loss_fn), axis_name="data"),
 ], ids=["sam", "stable_sam"])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
