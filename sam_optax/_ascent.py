@@ -90,7 +90,26 @@ def check_radius(name: str, value: Radius, method: str) -> None:
   _check_number(name, value, method, what="")
 
 
+def _traced(value: Any) -> bool:
+  """Whether ``value`` is a tracer: a hyperparameter of ``optax.inject_hyperparams``
+  under ``jit``, checked where it is concrete (eagerly), not while tracing."""
+  return isinstance(value, jax.core.Tracer)
+
+
+def _real(value: Any) -> float | None:
+  """``value`` as a float if it is a real number or a concrete 0-d array."""
+  if isinstance(value, bool):
+    return None
+  if isinstance(value, numbers.Real):
+    return float(value)
+  if getattr(value, "shape", None) == () and jnp.issubdtype(value.dtype, jnp.number):
+    return float(value)
+  return None
+
+
 def _check_number(name: str, value: Any, method: str, what: str) -> None:
+  if _traced(value):
+    return
   try:
     if isinstance(value, (str, bytes)):  # float("0.05") would accept a string
       raise TypeError
@@ -109,13 +128,19 @@ def _check_number(name: str, value: Any, method: str, what: str) -> None:
 
 def check_positive(name: str, value: float, method: str) -> None:
   """Raises ``ValueError`` unless ``value`` is a finite number > 0."""
-  if not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+  if _traced(value):
+    return
+  number = _real(value)
+  if number is None or not math.isfinite(number) or number <= 0:
     raise ValueError(f"{method}: {name} must be finite and > 0, got {name}={value!r}.")
 
 
 def check_non_negative(name: str, value: float, method: str) -> None:
   """Raises ``ValueError`` unless ``value`` is a finite number >= 0."""
-  if not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+  if _traced(value):
+    return
+  number = _real(value)
+  if number is None or not math.isfinite(number) or number < 0:
     raise ValueError(f"{method}: {name} must be finite and >= 0, got {name}={value!r}.")
 
 
@@ -128,7 +153,10 @@ def check_int(name: str, value: Any, minimum: int, method: str) -> None:
 
 def check_in_range(name: str, value: float, low: float, high: float, method: str) -> None:
   """Raises ``ValueError`` unless ``low <= value <= high``."""
-  if not isinstance(value, numbers.Real) or not low <= value <= high:
+  if _traced(value):
+    return
+  number = _real(value)
+  if number is None or not low <= number <= high:
     raise ValueError(
         f"{method}: {name} must be in [{low}, {high}], got {name}={value!r}."
     )
