@@ -548,6 +548,25 @@ def transformation(
       :class:`~sam_optax.Splits`.
     split_argnames: extra arguments of the method's own that hold one row
       per example and are split with the batch.
+
+  Returns:
+    The method's ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    A method is its rule; SAM's is two lines:
+
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import _ascent
+    >>> def rule(grads, state, ascent, *, rho):
+    ...   return ascent.gradient_at(ascent.normalized(grads), rho), state
+    >>> loss_fn = lambda w: jnp.sum(jnp.cos(w))
+    >>> tx = _ascent.transformation(
+    ...     "my_sam", rule, radii={"rho": 0.05}, loss_fn=loss_fn, has_aux=False,
+    ...     perturbation=None, mask=None, eps=_ascent.DEFAULT_EPS)
+    >>> w = jnp.ones(3)
+    >>> surrogate, state = tx.update(-jnp.sin(w), tx.init(w), w)
+    >>> int(state.count)
+    1
   """
   for name, value in radii.items():
     check_radius(name, value, method)

@@ -40,7 +40,16 @@ def _check_axis_name(kind: str, axis_name: object, optional: bool = False) -> No
 
 
 @dataclasses.dataclass(frozen=True)
-class PerDevice:
+class _OnAxis:
+  """An option that averages over a named data-parallel axis."""
+
+  axis_name: str
+
+  def __post_init__(self):
+    _check_axis_name(type(self).__name__, self.axis_name)
+
+
+class PerDevice(_OnAxis):
   """Each device perturbs with its own gradient; the surrogate is averaged once.
 
   Pass the local, un-averaged gradient to ``update`` inside ``jax.pmap`` or
@@ -54,14 +63,8 @@ class PerDevice:
     >>> tx = sam_optax.sam(0.05, perturbation=sam_optax.PerDevice("data"))
   """
 
-  axis_name: str
 
-  def __post_init__(self):
-    _check_axis_name("PerDevice", self.axis_name)
-
-
-@dataclasses.dataclass(frozen=True)
-class Synced:
+class Synced(_OnAxis):
   """One perturbation from the gradient averaged over ``axis_name``.
 
   Every re-evaluated gradient is averaged too (one all-reduce per gradient
@@ -75,11 +78,6 @@ class Synced:
     >>> import sam_optax
     >>> tx = sam_optax.gsam(0.05, perturbation=sam_optax.Synced("data"))
   """
-
-  axis_name: str
-
-  def __post_init__(self):
-    _check_axis_name("Synced", self.axis_name)
 
 
 @dataclasses.dataclass(frozen=True)

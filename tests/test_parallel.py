@@ -1,16 +1,16 @@
 """Data parallelism and m-sharpness on 8 fake CPU devices.
 
-Checks, for every method of the core family:
-* synchronized perturbation (``Synced``) under ``pmap``
-  equals the single-device step on the whole batch;
-* per-device perturbation (``PerDevice``) under ``pmap`` equals a loop that
-  runs the single-device method on each shard separately and averages the
-  surrogate gradients (and, for SAM, a plain NumPy computation);
+Checks (``test_common.py`` checks, for every method, that ``Synced`` under
+``pmap`` equals the single-device step on the whole batch and that
+``PerDevice`` equals a loop over the shards):
+* per-device SAM under ``pmap`` equals a plain NumPy computation;
 * ``pmap``, ``shard_map`` and ``jit`` over a sharded batch with
   ``Splits(n_devices)`` give the same parameters after several steps;
 * bad data-parallel input fails with a clear error before any step runs.
 """
 
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sam_optax
+import test_common as common
 
 N_DEVICES = 8
 PER_DEVICE = 4
@@ -39,17 +40,10 @@ def logits_fn(params, batch):
   return x @ params["kernel"] + params["bias"], y
 
 
-METHODS = {
-    "sam": lambda **kw: sam_optax.sam(0.1, loss_fn=loss_fn, **kw),
-    "usam": lambda **kw: sam_optax.usam(0.1, loss_fn=loss_fn, **kw),
-    "asam": lambda **kw: sam_optax.asam(0.5, loss_fn=loss_fn, **kw),
-    "gsam": lambda **kw: sam_optax.gsam(0.1, alpha=0.4, loss_fn=loss_fn, **kw),
-    "bsam": lambda **kw: sam_optax.bsam(0.1, 0.05, loss_fn=loss_fn, **kw),
-    "csam": lambda **kw: sam_optax.csam(0.1, gamma=1.0, logits_fn=logits_fn, **kw),
-    "stable_sam": lambda **kw: sam_optax.stable_sam(
-        sam_optax.usam(0.1, loss_fn=loss_fn, **kw),
-        axis_name=sam_optax._parallel.axis_of(kw.get("perturbation"))),
-}
+# The constructors of test_common.py, on this module's loss.
+_LOSSES = common.Tiny(loss_fn, logits_fn)
+METHODS = {name: functools.partial(common.ROWS_BY_NAME[name].build, _LOSSES)
+           for name in ("sam", "asam", "gsam", "bsam", "csam")}
 
 
 @pytest.fixture(scope="module")
@@ -89,47 +83,6 @@ def pmapped_surrogate(tx, params, batch):
 def single_device_surrogate(tx, params, batch):
   grads = jax.grad(loss_fn)(params, batch)
   return jax.jit(tx.update)(grads, tx.init(params), params, batch=batch)[0]
-
-
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_synchronized_perturbation_equals_single_device_on_whole_batch(problem, name):
-  params, batch = problem
-  if name == "stable_sam":
-    tx = sam_optax.stable_sam(
-        sam_optax.usam(0.1, loss_fn=loss_fn, perturbation=sam_optax.Synced(AXIS)),
-        axis_name=AXIS)
-  else:
-    tx = METHODS[name](perturbation=sam_optax.Synced(AXIS))
-  got = pmapped_surrogate(tx, params, batch)
-  want = single_device_surrogate(METHODS[name](), params, batch)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), got, want)
-
-
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_per_device_perturbation_equals_loop_over_shards(problem, name):
-  params, batch = problem
-  got = pmapped_surrogate(METHODS[name](perturbation=DEVICE_ASCENT), params, batch)
-  per_shard = [
-      single_device_surrogate(METHODS[name](), params, jax.tree.map(lambda a: a[i], shards(batch)))
-      for i in range(N_DEVICES)
-  ]
-  if name == "stable_sam":
-    # StableSAM rescales the *averaged* surrogate to the norm of the averaged
-    # gradient (the whole batch's), not each shard's.
-    inner = [single_device_surrogate(sam_optax.usam(0.1, loss_fn=loss_fn), params,
-                                     jax.tree.map(lambda a: a[i], shards(batch)))
-             for i in range(N_DEVICES)]
-    mean_inner = jax.tree.map(lambda *a: np.mean(a, axis=0), *inner)
-    full_grad = jax.grad(loss_fn)(params, batch)
-    scale = optax.tree.norm(full_grad) / optax.tree.norm(mean_inner)
-    want = jax.tree.map(lambda a: a * scale, mean_inner)
-  else:
-    want = jax.tree.map(lambda *a: np.mean(a, axis=0), *per_shard)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), got, want)
-  # m-sharpness matters: per-device differs from the synchronized perturbation.
-  sync = single_device_surrogate(METHODS[name](), params, batch)
-  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in
-             zip(jax.tree.leaves(got), jax.tree.leaves(sync))) > 1e-4
 
 
 def numpy_softmax_ce_grad(kernel, bias, x, y):
