@@ -247,3 +247,26 @@ def test_wrappers_take_the_inner_axis_and_keep_devices_in_step(problem, wrap, se
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-7),
                  outs[1], whole_batch_grad)
 
+
+
+@pytest.mark.parametrize("name", ["gsam", "looksam"])
+def test_splits_with_an_axis_under_pmap_equals_a_loop_over_the_shards(problem, name):
+  """``Splits(2, axis_name=...)``: two groups per device, averaged over the
+  groups of every device (LookSAM's state from those averages stays
+  replicated)."""
+  params, batch = problem
+  row = common.ROWS_BY_NAME[name]
+  tx = row.build(_LOSSES, perturbation=sam_optax.Splits(2, axis_name=AXIS))
+
+  def local(params, shard):
+    grads = jax.grad(loss_fn)(params, shard)
+    return tx.update(grads, tx.init(params), params, batch=shard)
+
+  surrogates, states = jax.pmap(local, axis_name=AXIS, in_axes=(None, 0))(params, shards(batch))
+  for leaf in jax.tree.leaves((surrogates, states)):
+    np.testing.assert_allclose(leaf, jnp.broadcast_to(leaf[0], leaf.shape), rtol=1e-6, atol=1e-7)
+  single = row.build(_LOSSES, perturbation=sam_optax.Splits(2))
+  per_shard = [single_device_surrogate(single, params, jax.tree.map(lambda a, i=i: a[i], shards(batch)))
+               for i in range(N_DEVICES)]
+  want = jax.tree.map(lambda *a: np.mean(a, axis=0), *per_shard)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=2e-5, atol=1e-6), surrogates, want)
