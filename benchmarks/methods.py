@@ -248,8 +248,12 @@ def contrib_sam_transparent(task: Task, axis_name: str | None = None) -> Program
 # --------------------------------------------------------------------------
 
 
+def _per_device(axis_name: str | None) -> sam_optax.PerDevice | None:
+  return None if axis_name is None else sam_optax.PerDevice(axis_name)
+
+
 def _loss_kwargs(task: Task, axis_name: str | None) -> dict[str, Any]:
-  return {"loss_fn": task.loss_fn, "has_aux": True, "axis_name": axis_name}
+  return {"loss_fn": task.loss_fn, "has_aux": True, "perturbation": _per_device(axis_name)}
 
 
 def _sam(task, axis_name):
@@ -273,7 +277,8 @@ def _bsam(task, axis_name):
 
 
 def _csam(task, axis_name):
-  return sam_optax.csam(RHO, gamma=1.0, logits_fn=task.logits_fn, axis_name=axis_name)
+  return sam_optax.csam(RHO, gamma=1.0, logits_fn=task.logits_fn,
+                        perturbation=_per_device(axis_name))
 
 
 def _stable(inner):
@@ -388,7 +393,7 @@ def esam_program(task: Task, axis_name: str | None = None) -> Program:
   """
   tx = optax.chain(
       sam_optax.esam(RHO, beta=0.5, gamma=ESAM_GAMMA, loss_fn=task.per_example_loss_fn,
-                     has_aux=True, axis_name=axis_name),
+                     has_aux=True, perturbation=_per_device(axis_name)),
       base_optimizer())
 
   def mean_loss(params, batch, batch_stats):

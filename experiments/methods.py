@@ -78,7 +78,9 @@ class Context:
   @property
   def data_parallel(self) -> dict[str, Any]:
     """The m-sharpness arguments of the SAM family's constructors."""
-    return {"batch_splits": self.batch_splits, "axis_name": self.axis_name}
+    if self.batch_splits:
+      return {"perturbation": sam_optax.Splits(self.batch_splits, axis_name=self.axis_name)}
+    return {"perturbation": sam_optax.PerDevice(self.axis_name) if self.axis_name else None}
 
 
 def _loss_args(loss_args, logits):
@@ -162,7 +164,7 @@ def _csam(ctx, h):
 def _stable_sam(ctx, h):
   inner = sam_optax.sam(h["rho"], loss_fn=ctx.loss_fn, has_aux=True,
                         normalize=h["normalize"], **ctx.data_parallel)
-  return sam_optax.stable_sam(inner)  # it takes the inner method's axis
+  return sam_optax.stable_sam(inner, axis_name=ctx.axis_name)
 
 
 def _asam(ctx, h):
