@@ -20,7 +20,7 @@ class ESAMState(NamedTuple):
   Attributes:
     count: steps taken.
     key: the raw ``uint32[2]`` PRNG key; step ``t`` draws its tensor mask
-      from ``jax.random.fold_in(key, t)`` (see :func:`keep_mask`).
+      from ``jax.random.fold_in(key, t)`` (see ``keep_mask``).
   """
 
   count: jax.Array

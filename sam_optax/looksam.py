@@ -81,8 +81,8 @@ def looksam(
     rho: ρ ≥ 0, a float or an optax schedule (of the global step).
     k: the interval of the SAM steps, an int ≥ 1 (5 or 10 in the paper).
     alpha: α ≥ 0, the weight of the reused component (0.7).
-    loss_fn, has_aux, axis_name, batch_splits, batch_argnames,
-      sync_perturbation, eps: see :func:`sam_optax.sam`.
+    loss_fn, has_aux, axis_name, batch_splits, batch_argnames, sync_perturbation, eps:
+      see :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
