@@ -33,20 +33,20 @@ import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, TypeAlias
 
 import chex
 import jax
 import jax.numpy as jnp
 import optax
 
-Radius = float | optax.Schedule
+Radius: TypeAlias = float | optax.Schedule
 """A neighbourhood radius: a non-negative float or a schedule of the step."""
 
-LossFn = Callable[..., Any]
+LossFn: TypeAlias = Callable[..., Any]
 """``loss_fn(params, **extra_args) -> scalar`` (or ``(scalar, aux)``)."""
 
-GradientFn = Callable[[optax.Params], optax.Updates]
+GradientFn: TypeAlias = Callable[[optax.Params], optax.Updates]
 """``∇L`` at a point, with the extra arguments of this ``update`` bound."""
 
 DEFAULT_EPS = 1e-12
@@ -63,7 +63,7 @@ class SAMState(NamedTuple):
     count: steps taken; the argument of every ρ schedule.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
 
 
 # --------------------------------------------------------------------------
@@ -165,7 +165,8 @@ def vdot(tree_a: Any, tree_b: Any) -> jax.Array:
   return optax.tree.vdot(_float32(tree_a), _float32(tree_b))
 
 
-def scaled_sum(tree_a: Any, scale: jax.Array, tree_b: Any, like: Any = None) -> Any:
+def scaled_sum(tree_a: Any, scale: float | jax.Array, tree_b: Any,
+               like: Any = None) -> Any:
   """``a + scale·b`` computed in float32, cast leafwise to the dtypes of ``like``.
 
   ``like`` defaults to ``tree_a``.
@@ -356,21 +357,13 @@ def check_update_inputs(method: str, updates: Any, params: Any) -> None:
 # --------------------------------------------------------------------------
 
 
-class SurrogateRule(Protocol):
-  """A method's rule: the surrogate gradient from ``g``, ``w`` and ``∇L``.
+SurrogateRule: TypeAlias = Callable[..., optax.Updates]
+"""A method's rule: the surrogate gradient from ``g``, ``w`` and ``∇L``.
 
-  ``radii`` holds each radius of the method evaluated at this step, under the
-  name it has in the constructor.
-  """
-
-  def __call__(
-      self,
-      grads: optax.Updates,
-      params: optax.Params,
-      gradient_at: GradientFn,
-      **radii: jax.Array,
-  ) -> optax.Updates:
-    ...
+``rule(grads, params, gradient_at, **radii)``: ``radii`` holds each radius of
+the method evaluated at this step, as keyword-only arguments named as in the
+constructor (``rho``; BSAM's ``rho_max``, ``rho_min``).
+"""
 
 
 def surrogate_transformation(
@@ -469,7 +462,8 @@ def surrogate_transformation(
     surrogate = mean_over_axis(cast_like(surrogate, updates), axis_name)
     return surrogate, SAMState(count=optax.safe_increment(state.count))
 
-  update.axis_name = axis_name  # read by wrappers such as stable_sam
+  # Read by wrappers such as stable_sam.
+  update.axis_name = axis_name  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(init, update)
 
 

@@ -23,7 +23,7 @@ class ESAMState(NamedTuple):
       from ``jax.random.fold_in(key, t)`` (see ``keep_mask``).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   key: jax.Array
 
 
@@ -194,7 +194,7 @@ def esam(
     surrogate = _ascent.mean_over_axis(_ascent.cast_like(grads, updates), axis_name)
     return surrogate, ESAMState(count=optax.safe_increment(state.count), key=state.key)
 
-  update.axis_name = axis_name
+  update.axis_name = axis_name  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(init, update)
 
 

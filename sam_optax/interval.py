@@ -28,7 +28,7 @@ class IntervalState(NamedTuple):
     inner: the state of the wrapped method.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   inner: Any
 
 
@@ -42,7 +42,7 @@ class StochasticState(NamedTuple):
     inner: the state of the wrapped method.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   key: jax.Array
   inner: Any
 
@@ -134,7 +134,7 @@ def every_k(
     return new_updates, IntervalState(
         count=optax.safe_increment(state.count), inner=inner_state)
 
-  update.axis_name = axis_name
+  update.axis_name = axis_name  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(init, update)
 
 
@@ -209,7 +209,7 @@ def with_probability(
     return new_updates, StochasticState(
         count=optax.safe_increment(state.count), key=state.key, inner=inner_state)
 
-  update.axis_name = axis_name
+  update.axis_name = axis_name  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(init, update)
 
 

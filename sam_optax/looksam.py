@@ -25,7 +25,7 @@ class LookSAMState(NamedTuple):
       advances every step).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   orthogonal: optax.Updates
   inner: Any
 
@@ -144,5 +144,5 @@ def looksam(
         count=optax.safe_increment(state.count), orthogonal=orthogonal,
         inner=inner_state)
 
-  update.axis_name = axis_name
+  update.axis_name = axis_name  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(init, update)

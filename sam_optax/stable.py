@@ -71,5 +71,5 @@ def stable_sam(
     exact = _ascent.mean_over_axis(updates, axis_name)
     return _ascent.rescale_to_norm(surrogate, exact, eps), state
 
-  update.axis_name = axis_name
+  update.axis_name = axis_name  # type: ignore[attr-defined]
   return optax.GradientTransformationExtraArgs(inner.init, update)
