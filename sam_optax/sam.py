@@ -29,7 +29,7 @@ def sam(
 
   .. math::
 
-    ŵ = w + ρ · g / (‖g‖ + δ)  \quad (\text{USAM, ``normalize=False``: } ŵ = w + ρ · g),
+    ŵ = w + ρ · g / (‖g‖ + δ)  \quad (\text{USAM, normalize=False: } ŵ = w + ρ · g),
     \qquad g̃ = ∇L(ŵ).
 
   The transform returns ``g̃``; the base optimizer chained after it applies
