@@ -55,7 +55,8 @@ def test_docs_build_and_every_public_name_has_an_api_entry(html):
     role = objects[f"sam_optax.{name}"]
     value = getattr(sam_optax, name)
     expected = ("py:module" if inspect.ismodule(value) else
-                "py:class" if inspect.isclass(value) else "py:function")
+                "py:class" if inspect.isclass(value) else
+                "py:function" if inspect.isfunction(value) else "py:data")
     assert role == expected, (name, role)
   api = (html / "api.html").read_text()
   sam_entry = api.split('id="sam_optax.sam"')[1].split('id="sam_optax.usam"')[0]
