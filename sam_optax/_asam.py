@@ -19,6 +19,11 @@ def not_a_bias(params: optax.Params) -> Any:
 
   Kernels, embeddings and normalization scales are scaled by ``|w| + η``;
   biases get ``T = 1`` (still perturbed, still counted in the norm).
+
+  Example:
+    >>> import jax.numpy as jnp, sam_optax
+    >>> sam_optax.not_a_bias({'dense': {'kernel': jnp.ones(2), 'bias': jnp.zeros(2)}})
+    {'dense': {'bias': False, 'kernel': True}}
   """
 
   def is_scaled(path, _):

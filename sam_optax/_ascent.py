@@ -34,7 +34,7 @@ import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, TypeAlias
 
 import chex
 import jax
@@ -44,13 +44,13 @@ import optax
 
 from sam_optax import _parallel
 
-Radius = float | optax.Schedule
+Radius: TypeAlias = float | optax.Schedule
 """A neighbourhood radius: a non-negative float or a schedule of the step."""
 
-LossFn = Callable[..., Any]
+LossFn: TypeAlias = Callable[..., Any]
 """``loss_fn(params, **extra_args) -> scalar`` (or ``(scalar, aux)``)."""
 
-GradientFn = Callable[[optax.Params], optax.Updates]
+GradientFn: TypeAlias = Callable[[optax.Params], optax.Updates]
 """``∇L`` at a point, with the extra arguments of this ``update`` bound."""
 
 DEFAULT_EPS = 1e-12
@@ -67,7 +67,7 @@ class SAMState(NamedTuple):
     count: steps taken; the argument of every ρ schedule.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
 
 
 # --------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def vdot(tree_a: Any, tree_b: Any) -> jax.Array:
   return optax.tree.vdot(_float32(tree_a), _float32(tree_b))
 
 
-def scaled_sum(tree_a: Any, scale: jax.Array, tree_b: Any, like: Any = None) -> Any:
+def scaled_sum(tree_a: Any, scale: float | jax.Array, tree_b: Any, like: Any = None) -> Any:
   """``a + scale·b`` computed in float32, cast leafwise to the dtypes of ``like``.
 
   ``like`` defaults to ``tree_a``.
@@ -390,7 +390,7 @@ def check_update_inputs(method: str, updates: Any, params: Any) -> None:
 # --------------------------------------------------------------------------
 
 
-Mask = Any | Callable[[optax.Params], Any]
+Mask: TypeAlias = Any | Callable[[optax.Params], Any]
 """A pytree of bools like the params (or a prefix of it), or a function of
 the params that returns one, as ``optax.masked`` takes."""
 
@@ -471,26 +471,17 @@ class Ascent:
     return self.gradient_fn(ascent_point(self.params, self.restrict(direction), scale))
 
 
-class Rule(Protocol):
-  """A method's rule: the surrogate gradient (and new state) of one step.
+Rule: TypeAlias = Callable[..., tuple[optax.Updates, Any]]
+"""A method's rule: the surrogate gradient (and new state) of one step.
 
-  ``grads`` is ``g``, the gradient the rule perturbs with (per device or per
-  group under a data-parallel option); ``state`` the method's state (its
-  ``count`` is advanced by the skeleton); ``radii`` each radius of the
-  method at this step, under its name in the constructor.
-  """
-
-  def __call__(
-      self,
-      grads: optax.Updates,
-      state: Any,
-      ascent: Ascent,
-      **radii: jax.Array,
-  ) -> tuple[optax.Updates, Any]:
-    ...
+``rule(grads, state, ascent, **radii) -> (surrogate, state)``: ``grads`` is ``g``, the gradient the rule perturbs with (per device or per
+group under a data-parallel option); ``state`` the method's state (its
+``count`` is advanced by the skeleton); ``radii`` each radius of the
+method at this step, under its name in the constructor.
+"""
 
 
-GradientFactory = Callable[[optax.Params, Mapping[str, Any]], GradientFn]
+GradientFactory: TypeAlias = Callable[[optax.Params, Mapping[str, Any]], GradientFn]
 """``factory(params, extra_args) -> (w ↦ ∇L(w))`` for one step (or group)."""
 
 _GROUPS = "sam_optax_groups"  # the vmap axis of Splits, for Ascent.mean
@@ -609,7 +600,7 @@ def transformation(
         return run(group_grads, gradient_factory(params, args),
                    mean=lambda tree: mean_over_axis(tree, axes))
 
-      names = perturbation.batch_argnames + tuple(
+      names = tuple(perturbation.batch_argnames) + tuple(
           name for name in split_argnames if name in extra_args)
       groups = split_arguments(method, extra_args, names, perturbation.n)
       surrogate, new_state = jax.vmap(one_group, axis_name=_GROUPS)(groups)

@@ -92,7 +92,8 @@ def csam(
     return pair
 
   def calibrated_loss(params, **kwargs):
-    return losses.calibrated_cross_entropy(*logits_and_labels(params, **kwargs), gamma)
+    logits, labels = logits_and_labels(params, **kwargs)
+    return losses.calibrated_cross_entropy(logits, labels, gamma)
 
   def cross_entropy(params, **kwargs):
     logits, labels = logits_and_labels(params, **kwargs)

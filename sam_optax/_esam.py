@@ -25,7 +25,7 @@ class ESAMState(NamedTuple):
       jax.random.split(jax.random.fold_in(key, t), n_leaves)[j], beta)``.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   key: jax.Array
 
 

@@ -29,7 +29,7 @@ class IntervalState(NamedTuple):
     inner: the state of the wrapped method.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   inner: Any
 
 
@@ -43,7 +43,7 @@ class StochasticState(NamedTuple):
     inner: the state of the wrapped method.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   key: jax.Array
   inner: Any
 

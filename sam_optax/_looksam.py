@@ -22,7 +22,7 @@ class LookSAMState(NamedTuple):
       the clean gradient of that step (zeros before step 0).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   orthogonal: optax.Updates
 
 

@@ -30,7 +30,7 @@ class MESAState(NamedTuple):
     schedule: λ, τ and the epoch window.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   ema_params: optax.Params
   ema_model_state: Any
   rate: jax.Array

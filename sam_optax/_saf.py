@@ -149,7 +149,7 @@ class SAFState(NamedTuple):
     schedule: λ, τ and the epoch window (:class:`TrajectorySchedule`).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   bank: jax.Array
   invalid_count: jax.Array
   schedule: TrajectorySchedule

@@ -27,7 +27,7 @@ def sam(
 
   .. math::
 
-    ŵ = w + ρ · g / (‖g‖ + δ)  \quad (\text{USAM, ``normalize=False``: } ŵ = w + ρ · g),
+    ŵ = w + ρ · g / (‖g‖ + δ)  \quad (\text{USAM, normalize=False: } ŵ = w + ρ · g),
     \qquad g̃ = ∇L(ŵ).
 
   The transform returns ``g̃``; the base optimizer chained after it applies
@@ -41,7 +41,7 @@ def sam(
   paper); ``g̃`` is averaged across the axis once.
   ``sam_optax.Synced(axis_name)`` perturbs with the averaged gradient (the
   single-device step on the global batch); ``sam_optax.Splits(n)`` perturbs
-  per group of ``B / n`` examples. See :mod:`sam_optax._parallel`.
+  per group of ``B / n`` examples. See :class:`sam_optax.PerDevice`, :class:`sam_optax.Synced` and :class:`sam_optax.Splits`.
 
   Masks (``mask=``): only the masked leaves are perturbed, and ``‖g‖`` is
   taken over them: ``ε = ρ · m ⊙ g / (‖m ⊙ g‖ + δ)``; the gradient is still
