@@ -45,8 +45,8 @@ import sam_optax
 # Constructor arguments that are plumbing, not hyperparameters: built from
 # the run (:class:`Context`) or left at the library's default.
 PLUMBING = frozenset({
-    "inner", "loss_fn", "logits_fn", "has_aux", "axis_name", "batch_splits", "batch_argnames",
-    "sync_perturbation", "eps", "adaptive_mask", "num_examples", "num_classes",
+    "inner", "loss_fn", "logits_fn", "has_aux", "axis_name", "perturbation", "mask",
+    "batch_argnames", "eps", "adaptive_mask", "num_examples", "num_classes",
     "steps_per_epoch", "bank_dtype", "check_indices", "model_state", "seed"})
 
 
@@ -87,9 +87,19 @@ class Context:
   batch_splits: int | None = None
   axis_name: str | None = None
 
-  def data_parallel(self) -> dict[str, Any]:
-    """The library's data-parallel keywords (the only place that names them)."""
-    return {"axis_name": self.axis_name, "batch_splits": self.batch_splits}
+  def data_parallel(self, splits: bool = True) -> dict[str, Any]:
+    """The library's data-parallel keywords (the only place that names them).
+
+    The SAM family takes ``perturbation`` (``Splits(n)`` for ``n`` groups,
+    ``PerDevice(axis)`` under ``pmap`` / ``shard_map``); SAF and StableSAM
+    take ``axis_name``. ``splits=False``: no ``Splits`` (ESAM: m-sharpness
+    groups are not applied to it).
+    """
+    if self.batch_splits and splits:
+      perturbation = sam_optax.Splits(self.batch_splits, axis_name=self.axis_name)
+    else:
+      perturbation = sam_optax.PerDevice(self.axis_name) if self.axis_name else None
+    return {"perturbation": perturbation, "axis_name": self.axis_name}
 
 
 def _loss_args(loss_args, logits, losses):
@@ -199,8 +209,8 @@ class Method:
 
   @property
   def perturbs(self) -> bool:
-    """Whether ``batch_splits`` (m-sharpness) applies to it."""
-    return "batch_splits" in _accepted(self.inner or self.transform)
+    """Whether ``perturbation`` (m-sharpness: ``Splits``) applies to it."""
+    return "perturbation" in _accepted(self.inner or self.transform) and self.step is STANDARD
 
 
 def _one_in_k(h):
@@ -316,7 +326,7 @@ def build(method: Method, ctx: Context,
       "loss_fn": loss_fn, "logits_fn": ctx.logits_fn, "has_aux": True, "seed": ctx.seed,
       "num_examples": ctx.num_examples, "num_classes": ctx.num_classes,
       "steps_per_epoch": ctx.steps_per_epoch, "model_state": ctx.model_state or None,
-      **ctx.data_parallel(), **values}
+      **ctx.data_parallel(splits=method.perturbs), **values}
   if method.inner is not None:
     arguments["inner"] = _call(method.inner, arguments)
   return _call(method.transform, arguments)

@@ -5,23 +5,28 @@ function and is chained before a base optimizer::
 
   tx = optax.chain(sam_optax.sam(rho=0.05, loss_fn=loss_fn), optax.sgd(lr, momentum=0.9))
   updates, opt_state = tx.update(grads, opt_state, params, batch=batch)
+
+This file is the API: the implementations live in private modules, one per
+method (``_sam.py``, ``_gsam.py``, ...) on the skeleton of ``_ascent.py``;
+``losses`` and ``schedules`` are the public submodules.
 """
 
-from sam_optax import losses
+from sam_optax import losses, schedules
+from sam_optax._asam import asam, not_a_bias
 from sam_optax._ascent import SAMState
-from sam_optax.asam import asam, not_a_bias
-from sam_optax.bsam import bsam
-from sam_optax.csam import csam
-from sam_optax.esam import ESAMState, esam
-from sam_optax.gsam import gsam
-from sam_optax.interval import (IntervalState, StochasticState, every_k, interval_sam,
-                                stochastic_sam, with_probability)
-from sam_optax.looksam import LookSAMState, looksam
-from sam_optax.mesa import MESAState, mesa, mesa_model_state, mesa_params, mesa_target
-from sam_optax.saf import SAFState, saf, saf_check, saf_target
-from sam_optax.sam import sam, usam
+from sam_optax._bsam import bsam
+from sam_optax._csam import csam
+from sam_optax._esam import ESAMState, esam
+from sam_optax._gsam import gsam
+from sam_optax._interval import (IntervalState, StochasticState, every_k, interval_sam,
+                                 stochastic_sam, with_probability)
+from sam_optax._looksam import LookSAMState, looksam
+from sam_optax._mesa import MESAState, mesa, mesa_model_state, mesa_params, mesa_target
+from sam_optax._parallel import PerDevice, Perturbation, Splits, Synced
+from sam_optax._saf import SAFState, saf, saf_check, saf_target
+from sam_optax._sam import sam, usam
+from sam_optax._stable import stable_sam
 from sam_optax.schedules import rho_schedule_from_lr
-from sam_optax.stable import stable_sam
 
 __version__ = "0.1.0"
 
@@ -30,9 +35,13 @@ __all__ = [
     "IntervalState",
     "LookSAMState",
     "MESAState",
+    "PerDevice",
+    "Perturbation",
     "SAFState",
     "SAMState",
+    "Splits",
     "StochasticState",
+    "Synced",
     "asam",
     "bsam",
     "csam",
@@ -52,6 +61,7 @@ __all__ = [
     "saf_check",
     "saf_target",
     "sam",
+    "schedules",
     "stable_sam",
     "stochastic_sam",
     "usam",

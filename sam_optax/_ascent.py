@@ -9,26 +9,27 @@ base optimizer. This module holds the pieces they share, written once:
 * radius handling: a float or an optax schedule of the step count, validated
   at construction (:func:`check_radius`, :func:`radius_at`);
 * float32 tree arithmetic: the global norm and inner product accumulated in
-  float32 whatever the parameter dtype (:func:`global_norm`, :func:`vdot`);
+  float32 whatever the parameter dtype (:func:`global_norm`, :func:`vdot`),
+  the guarded division ``x / (‖y‖ + δ)`` (:func:`divide_by_norm`) and the
+  orthogonal component (:func:`orthogonal_part`);
 * the ascent point ``w + s·d`` computed in float32 and cast back to the
   parameter dtype (:func:`ascent_point`);
 * re-evaluation of the loss with the extra arguments of ``update``, with clear
   errors for a missing loss, a non-scalar loss or an unknown keyword
   (:func:`make_gradient_fn`);
-* the renormalization ``(‖g‖ / (‖g̃‖ + δ)) · g̃`` (:func:`rescale_to_norm`);
-* the transformation skeleton (:func:`surrogate_transformation`) that turns a
-  method's rule into an ``optax.GradientTransformationExtraArgs`` with a
-  :class:`SAMState`, averaging the result across ``axis_name`` exactly once
-  (m-sharpness: every device perturbs with its own gradient), or perturbing
-  with the all-reduced gradient (``sync_perturbation``), or per group of
-  examples (``batch_splits``, :func:`split_arguments`);
-* what wrappers of a method share (:func:`check_inner`, :func:`wrapper_axis`,
-  :func:`cond`, :func:`advance_counts`) and the scheduling aid
-  :func:`sequenced`.
+* the skeleton (:func:`transformation`) that turns a method's :class:`Rule`
+  into an ``optax.GradientTransformationExtraArgs``: the rule gets ``g``, its
+  state and an :class:`Ascent` that applies the perturbation mask
+  (:func:`resolve_mask`) and the data-parallel option of
+  :mod:`sam_optax._parallel` (per device, synchronized, per group of
+  examples: :func:`split_arguments`, :func:`mean_over_axis`);
+* what wrappers of a method share (:func:`check_inner`, :func:`cond`,
+  :func:`advance_counts`) and the scheduling aid :func:`sequenced`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import numbers
@@ -38,7 +39,10 @@ from typing import Any, NamedTuple, Protocol
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from sam_optax import _parallel
 
 Radius = float | optax.Schedule
 """A neighbourhood radius: a non-negative float or a schedule of the step."""
@@ -86,7 +90,26 @@ def check_radius(name: str, value: Radius, method: str) -> None:
   _check_number(name, value, method, what="")
 
 
+def _traced(value: Any) -> bool:
+  """Whether ``value`` is a tracer: a hyperparameter of ``optax.inject_hyperparams``
+  under ``jit``, checked where it is concrete (eagerly), not while tracing."""
+  return isinstance(value, jax.core.Tracer)
+
+
+def _real(value: Any) -> float | None:
+  """``value`` as a float if it is a real number or a concrete 0-d array."""
+  if isinstance(value, bool):
+    return None
+  if isinstance(value, numbers.Real):
+    return float(value)
+  if getattr(value, "shape", None) == () and jnp.issubdtype(value.dtype, jnp.number):
+    return float(value)
+  return None
+
+
 def _check_number(name: str, value: Any, method: str, what: str) -> None:
+  if _traced(value):
+    return
   try:
     if isinstance(value, (str, bytes)):  # float("0.05") would accept a string
       raise TypeError
@@ -105,13 +128,19 @@ def _check_number(name: str, value: Any, method: str, what: str) -> None:
 
 def check_positive(name: str, value: float, method: str) -> None:
   """Raises ``ValueError`` unless ``value`` is a finite number > 0."""
-  if not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+  if _traced(value):
+    return
+  number = _real(value)
+  if number is None or not math.isfinite(number) or number <= 0:
     raise ValueError(f"{method}: {name} must be finite and > 0, got {name}={value!r}.")
 
 
 def check_non_negative(name: str, value: float, method: str) -> None:
   """Raises ``ValueError`` unless ``value`` is a finite number >= 0."""
-  if not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+  if _traced(value):
+    return
+  number = _real(value)
+  if number is None or not math.isfinite(number) or number < 0:
     raise ValueError(f"{method}: {name} must be finite and >= 0, got {name}={value!r}.")
 
 
@@ -124,7 +153,10 @@ def check_int(name: str, value: Any, minimum: int, method: str) -> None:
 
 def check_in_range(name: str, value: float, low: float, high: float, method: str) -> None:
   """Raises ``ValueError`` unless ``low <= value <= high``."""
-  if not isinstance(value, numbers.Real) or not low <= value <= high:
+  if _traced(value):
+    return
+  number = _real(value)
+  if number is None or not low <= number <= high:
     raise ValueError(
         f"{method}: {name} must be in [{low}, {high}], got {name}={value!r}."
     )
@@ -184,29 +216,31 @@ def ascent_point(params: optax.Params, direction: Any, scale: jax.Array) -> opta
   return scaled_sum(params, scale, direction)
 
 
+def divide_by_norm(numerator: Any, tree: Any, eps: float, *, squared: bool = False) -> jax.Array:
+  """The guarded division ``numerator / (‖tree‖ + δ)`` (``‖tree‖²`` if squared), float32.
+
+  A zero ``tree`` gives ``numerator / δ``, never NaN.
+  """
+  norm = global_norm(tree)
+  return numerator / ((norm * norm if squared else norm) + eps)
+
+
 def normalized(tree: Any, eps: float) -> Any:
   """``tree / (‖tree‖ + δ)`` in float32 (a zero tree stays zero)."""
-  inv = 1.0 / (global_norm(tree) + eps)
+  inv = divide_by_norm(1.0, tree, eps)
   return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) * inv, tree)
 
 
-def sam_gradient(
-    grads: optax.Updates,
-    params: optax.Params,
-    gradient_at: GradientFn,
-    rho: jax.Array,
-    *,
-    normalize: bool,
-    eps: float,
-) -> optax.Updates:
-  """SAM's surrogate ``∇L(w + ρ g / (‖g‖ + δ))`` (``∇L(w + ρ g)`` unnormalized)."""
-  direction = normalized(grads, eps) if normalize else grads
-  return gradient_at(ascent_point(params, direction, rho))
+def orthogonal_part(tree: Any, onto: Any, eps: float, like: Any = None) -> Any:
+  """``tree − (⟨tree, onto⟩ / (‖onto‖² + δ)) · onto``: the component of ``tree``
+  orthogonal to ``onto``, in the dtypes of ``like`` (default ``tree``)."""
+  projection = divide_by_norm(vdot(tree, onto), onto, eps, squared=True)
+  return scaled_sum(tree, -projection, onto, like=tree if like is None else like)
 
 
 def rescale_to_norm(tree: Any, reference: Any, eps: float) -> Any:
   """StableSAM's renormalization ``(‖reference‖ / (‖tree‖ + δ)) · tree``."""
-  scale = global_norm(reference) / (global_norm(tree) + eps)
+  scale = divide_by_norm(global_norm(reference), tree, eps)
   return jax.tree.map(
       lambda x: (jnp.asarray(x, jnp.float32) * scale).astype(x.dtype), tree
   )
@@ -356,126 +390,241 @@ def check_update_inputs(method: str, updates: Any, params: Any) -> None:
 # --------------------------------------------------------------------------
 
 
-class SurrogateRule(Protocol):
-  """A method's rule: the surrogate gradient from ``g``, ``w`` and ``∇L``.
+Mask = Any | Callable[[optax.Params], Any]
+"""A pytree of bools like the params (or a prefix of it), or a function of
+the params that returns one, as ``optax.masked`` takes."""
 
-  ``radii`` holds each radius of the method evaluated at this step, under the
-  name it has in the constructor.
+
+def resolve_mask(method: str, mask: Mask | None, params: optax.Params) -> Any:
+  """``mask`` as a pytree of bools with the structure of ``params`` (None: all).
+
+  Raises:
+    ValueError: if the structure does not match, or no leaf is selected.
+    TypeError: if a leaf is not a bool.
+  """
+  if mask is None:
+    return None
+  tree = mask(params) if callable(mask) else mask
+  try:
+    full = jax.tree.map(lambda m, p: jax.tree.map(lambda _: m, p), tree, params)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        f"{method}: mask must be a pytree of bools with the structure of"
+        f" params (or a prefix of it), as optax.masked takes: {error}") from None
+  leaves = jax.tree.leaves(full)
+  for leaf in leaves:
+    if not (isinstance(leaf, (bool, np.bool_)) or getattr(leaf, "dtype", None) == np.bool_):
+      raise TypeError(
+          f"{method}: mask leaves must be bools (True: perturb this leaf), got"
+          f" {type(leaf).__name__} {leaf!r}.")
+  if leaves and all(leaf is False for leaf in leaves):
+    raise ValueError(
+        f"{method}: mask selects no parameter, so nothing would be perturbed"
+        " (the step would be plain SGD's); select at least one leaf.")
+  return full
+
+
+def _restrict_leaf(leaf: jax.Array, keep: Any) -> jax.Array:
+  if isinstance(keep, bool):
+    return leaf if keep else jnp.zeros_like(leaf)
+  return jnp.where(keep, leaf, jnp.zeros_like(leaf))
+
+
+@dataclasses.dataclass(frozen=True)
+class Ascent:
+  """A rule's handle on the neighbourhood of ``w``, built by the skeleton.
+
+  It applies the perturbation mask and the data-parallel option, so a rule
+  only says which directions it perturbs along and what it does with the
+  gradients it gets back.
+
+  Attributes:
+    params: ``w``, the current weights.
+    gradient_fn: ``∇L`` at a point (every leaf), the extra arguments bound.
+    mask: a bool pytree like ``params`` (None: every leaf is perturbed).
+    eps: δ, added to norms in divisions.
+    mean: the average over the groups that perturb separately (the devices
+      of :class:`~sam_optax.PerDevice`, the groups of
+      :class:`~sam_optax.Splits`; the identity otherwise). A rule with state
+      builds its state from averaged values, so that it stays the same on
+      every device and group.
+  """
+
+  params: optax.Params
+  gradient_fn: GradientFn
+  mask: Any
+  eps: float
+  mean: Callable[[Any], Any]
+
+  def restrict(self, tree: Any) -> Any:
+    """``m ⊙ tree``: zero on the leaves the mask leaves out."""
+    if self.mask is None:
+      return tree
+    return jax.tree.map(_restrict_leaf, tree, self.mask)
+
+  def normalized(self, tree: Any) -> Any:
+    """``m ⊙ tree / (‖m ⊙ tree‖ + δ)`` in float32: the norm over the masked leaves."""
+    return normalized(self.restrict(tree), self.eps)
+
+  def gradient_at(self, direction: Any, scale: jax.Array) -> optax.Updates:
+    """``∇L(w + scale · m ⊙ direction)``, the gradient at the perturbed point."""
+    return self.gradient_fn(ascent_point(self.params, self.restrict(direction), scale))
+
+
+class Rule(Protocol):
+  """A method's rule: the surrogate gradient (and new state) of one step.
+
+  ``grads`` is ``g``, the gradient the rule perturbs with (per device or per
+  group under a data-parallel option); ``state`` the method's state (its
+  ``count`` is advanced by the skeleton); ``radii`` each radius of the
+  method at this step, under its name in the constructor.
   """
 
   def __call__(
       self,
       grads: optax.Updates,
-      params: optax.Params,
-      gradient_at: GradientFn,
+      state: Any,
+      ascent: Ascent,
       **radii: jax.Array,
-  ) -> optax.Updates:
+  ) -> tuple[optax.Updates, Any]:
     ...
 
 
-def surrogate_transformation(
+GradientFactory = Callable[[optax.Params, Mapping[str, Any]], GradientFn]
+"""``factory(params, extra_args) -> (w ↦ ∇L(w))`` for one step (or group)."""
+
+_GROUPS = "sam_optax_groups"  # the vmap axis of Splits, for Ascent.mean
+
+
+def transformation(
     method: str,
-    rule: SurrogateRule,
+    rule: Rule,
     *,
     radii: Mapping[str, Radius],
     loss_fn: LossFn | None,
     has_aux: bool,
-    axis_name: str | None,
-    batch_splits: int | None = None,
-    batch_argnames: Sequence[str] = ("batch",),
-    sync_perturbation: bool = False,
-    gradient_fn_factory: Callable[[Mapping[str, Any]], GradientFn] | None = None,
-    ascent_gradient_fn_factory: Callable[[Mapping[str, Any]], GradientFn] | None = None,
+    perturbation: _parallel.Perturbation | None,
+    mask: Mask | None,
+    eps: float,
+    init: Callable[[optax.Params], Any] | None = None,
+    gradient_factory: GradientFactory | None = None,
+    ascent_gradient_factory: GradientFactory | None = None,
+    split_argnames: Sequence[str] = (),
 ) -> optax.GradientTransformationExtraArgs:
-  """Builds a method of the family from its ``rule``.
+  """Builds a method of the family from its ``rule``: the one skeleton.
 
   ``update(g, state, params, **extra_args)`` checks its inputs, binds the
-  extra arguments to the loss (``make_gradient_fn``, or
-  ``gradient_fn_factory`` for a method whose descent loss is not ``loss_fn``),
-  evaluates the radii at ``state.count``, applies ``rule``, casts the result
-  to the dtypes of ``g`` and, with ``axis_name``, averages it across that axis
-  exactly once. Where the perturbation is computed (m-sharpness):
+  extra arguments to the loss (``gradient_factory``; default: ``jax.grad``
+  of ``loss_fn``), evaluates the radii at ``state.count``, resolves the
+  mask, runs ``rule`` as the data-parallel option says, casts the result to
+  the dtypes of ``g`` and advances ``state.count``:
 
-  * default: with the incoming gradient, i.e. per device under ``pmap`` /
-    ``shard_map`` when the local, un-averaged gradient is passed;
-  * ``sync_perturbation=True``: with the gradient averaged over
-    ``axis_name``, and every re-evaluated gradient averaged too, so the step
-    equals the single-device step on the global batch;
-  * ``batch_splits=n``: per group of ``B/n`` examples inside the batch. The
-    extra arguments named in ``batch_argnames`` are split along axis 0 into
-    ``n`` groups; each group's gradient ``g_i = ∇L_i(w)`` is recomputed (one
-    extra pass, vectorized over the groups) and the rule runs per group with
-    ``g_i`` and ``∇L_i``; the surrogate is the mean over groups. The ascent
-    loss of group ``i`` is ``ascent_gradient_fn_factory`` (default: the same
-    loss as the descent).
+  * ``perturbation=None``: the rule runs once on ``g``;
+  * :class:`~sam_optax.PerDevice`: the rule runs on the local ``g`` and the
+    local loss; the surrogate is averaged over the axis once;
+  * :class:`~sam_optax.Synced`: the rule sees ``g`` and every re-evaluated
+    gradient averaged over the axis;
+  * :class:`~sam_optax.Splits`: the rule runs per group of examples
+    (``jax.vmap``) with the group's gradient ``g_i`` (from
+    ``ascent_gradient_factory``, default ``gradient_factory``) and the
+    group's loss; the surrogate is the mean over the groups. The extra
+    arguments split are the option's ``batch_argnames`` and those of
+    ``split_argnames`` that ``update`` got (per-example inputs of the
+    method itself).
+
+  Args:
+    method: the constructor's name, for error messages.
+    rule: the method's difference from SAM (see :class:`Rule`).
+    radii: the radii by name (floats or schedules), checked here.
+    loss_fn, has_aux: the user's loss (see :func:`sam_optax.sam`).
+    perturbation: the data-parallel option, checked here.
+    mask: the perturbation mask (see :func:`resolve_mask`).
+    eps: δ, checked here.
+    init: ``init(params) -> state``, a NamedTuple with a ``count`` field
+      (default: :class:`SAMState`).
+    gradient_factory: ``factory(params, extra_args) -> GradientFn``, for a
+      method whose descent gradient is not ``∇ loss_fn``.
+    ascent_gradient_factory: the factory of the groups' ``g_i`` under
+      :class:`~sam_optax.Splits`.
+    split_argnames: extra arguments of the method's own that hold one row
+      per example and are split with the batch.
+
+  Returns:
+    The method's ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    A method is its rule; SAM's is two lines:
+
+    >>> import jax.numpy as jnp
+    >>> from sam_optax import _ascent
+    >>> def rule(grads, state, ascent, *, rho):
+    ...   return ascent.gradient_at(ascent.normalized(grads), rho), state
+    >>> loss_fn = lambda w: jnp.sum(jnp.cos(w))
+    >>> tx = _ascent.transformation(
+    ...     "my_sam", rule, radii={"rho": 0.05}, loss_fn=loss_fn, has_aux=False,
+    ...     perturbation=None, mask=None, eps=_ascent.DEFAULT_EPS)
+    >>> w = jnp.ones(3)
+    >>> surrogate, state = tx.update(-jnp.sin(w), tx.init(w), w)
+    >>> int(state.count)
+    1
   """
   for name, value in radii.items():
     check_radius(name, value, method)
   check_callable("loss_fn", loss_fn, method)
-  if axis_name is not None and not isinstance(axis_name, str):
-    raise TypeError(f"{method}: axis_name must be a string or None, got {axis_name!r}.")
-  if sync_perturbation and axis_name is None:
-    raise ValueError(
-        f"{method}: sync_perturbation=True averages the gradient over the data"
-        " axis before the ascent, so it needs axis_name.")
-  if batch_splits is not None:
-    if isinstance(batch_splits, bool) or not isinstance(batch_splits, int) or batch_splits < 1:
-      raise ValueError(
-          f"{method}: batch_splits must be a positive int or None, got"
-          f" batch_splits={batch_splits!r}.")
-    if sync_perturbation:
-      raise ValueError(
-          f"{method}: batch_splits (a perturbation per group of examples) and"
-          " sync_perturbation=True (one perturbation for all devices)"
-          " contradict each other; choose one.")
-    if isinstance(batch_argnames, str) or not batch_argnames:
-      raise TypeError(
-          f"{method}: batch_argnames must be a non-empty sequence of names of"
-          f" update()'s extra arguments, got {batch_argnames!r}.")
+  check_positive("eps", eps, method)
+  _parallel.check_perturbation(method, perturbation)
+  if mask is not None and not callable(mask):
+    resolve_mask(method, mask, mask)  # structure and leaf types, at once
+  axis_name = _parallel.axis_of(perturbation)
 
-  if gradient_fn_factory is None:
-    gradient_fn_factory = lambda args: make_gradient_fn(method, loss_fn, has_aux, args)
-  if ascent_gradient_fn_factory is None:
-    ascent_gradient_fn_factory = gradient_fn_factory
-
-  def init(params: optax.Params) -> SAMState:
-    del params
-    return SAMState(count=jnp.zeros([], jnp.int32))
+  if gradient_factory is None:
+    gradient_factory = lambda params, args: make_gradient_fn(method, loss_fn, has_aux, args)
+  if ascent_gradient_factory is None:
+    ascent_gradient_factory = gradient_factory
+  if init is None:
+    init = lambda params: SAMState(count=jnp.zeros([], jnp.int32))
 
   def update(updates, state, params=None, **extra_args):
     check_update_inputs(method, updates, params)
     values = {name: radius_at(value, state.count) for name, value in radii.items()}
-    if sync_perturbation:
-      # Every gradient the rule sees is the global batch's, so the result
-      # equals the single-device step on the whole batch (also for the
-      # non-linear rules of GSAM and BSAM), and needs no final average.
-      local_gradient_at = gradient_fn_factory(extra_args)
-      surrogate = rule(
-          mean_over_axis(updates, axis_name), params,
-          lambda point: mean_over_axis(local_gradient_at(point), axis_name),
-          **values)
-      return cast_like(surrogate, updates), SAMState(count=optax.safe_increment(state.count))
-    if batch_splits is None:
-      surrogate = rule(updates, params, gradient_fn_factory(extra_args), **values)
-    else:
+    resolved_mask = resolve_mask(method, mask, params)
+
+    def run(grads, gradient_fn, mean):
+      ascent = Ascent(params, gradient_fn, resolved_mask, eps, mean)
+      surrogate, new_state = rule(grads, state, ascent, **values)
+      return cast_like(surrogate, updates), new_state
+
+    if isinstance(perturbation, _parallel.Synced):
+      local_gradient_fn = gradient_factory(params, extra_args)
+      surrogate, new_state = run(
+          mean_over_axis(updates, axis_name),
+          lambda point: mean_over_axis(local_gradient_fn(point), axis_name),
+          mean=lambda tree: tree)
+    elif isinstance(perturbation, _parallel.Splits):
+      axes = _GROUPS if axis_name is None else (_GROUPS, axis_name)
+
       def one_group(group_args):
         args = {**extra_args, **group_args}
-        group_grads = ascent_gradient_fn_factory(args)(params)
-        return rule(group_grads, params, gradient_fn_factory(args), **values)
+        group_grads = ascent_gradient_factory(params, args)(params)
+        return run(group_grads, gradient_factory(params, args),
+                   mean=lambda tree: mean_over_axis(tree, axes))
 
-      groups = split_arguments(method, extra_args, batch_argnames, batch_splits)
-      surrogate = jax.tree.map(
-          lambda x: jnp.mean(x, axis=0), jax.vmap(one_group)(groups))
-    surrogate = mean_over_axis(cast_like(surrogate, updates), axis_name)
-    return surrogate, SAMState(count=optax.safe_increment(state.count))
+      names = perturbation.batch_argnames + tuple(
+          name for name in split_argnames if name in extra_args)
+      groups = split_arguments(method, extra_args, names, perturbation.n)
+      surrogate, new_state = jax.vmap(one_group, axis_name=_GROUPS)(groups)
+      surrogate = mean_over_axis(
+          jax.tree.map(lambda x: jnp.mean(x, axis=0), surrogate), axis_name)
+      # The same in every group by the rule's contract (built from means).
+      new_state = jax.tree.map(lambda x: x[0], new_state)
+    else:
+      surrogate, new_state = run(
+          updates, gradient_factory(params, extra_args),
+          mean=lambda tree: mean_over_axis(tree, axis_name))
+      surrogate = mean_over_axis(surrogate, axis_name)
+    return surrogate, new_state._replace(count=optax.safe_increment(state.count))
 
-  update.axis_name = axis_name  # read by wrappers such as stable_sam
   return optax.GradientTransformationExtraArgs(init, update)
-
-
-def data_axis(transformation: optax.GradientTransformation) -> str | None:
-  """The ``axis_name`` a transform of this family averages over (None if none)."""
-  return getattr(transformation.update, "axis_name", None)
 
 
 def advance_counts(state: Any) -> Any:
@@ -534,25 +683,11 @@ def check_inner(method: str, inner: Any) -> optax.GradientTransformationExtraArg
   return optax.with_extra_args_support(inner)
 
 
-def wrapper_axis(
-    method: str, inner: optax.GradientTransformation, axis_name: str | None
-) -> str | None:
-  """The axis of a wrapper around ``inner``: its own, else the inner one's.
-
-  Raises:
-    ValueError: if both are given and differ: the wrapper must average (or
-      renormalize) over the axis the inner surrogate is averaged over, or the
-      devices would drift apart.
-  """
-  inner_axis = data_axis(inner)
-  if axis_name is None:
-    return inner_axis
-  if inner_axis is not None and inner_axis != axis_name:
-    raise ValueError(
-        f"{method}: axis_name={axis_name!r} differs from the inner method's"
-        f" axis_name={inner_axis!r}; a wrapper must use the axis the inner"
-        " surrogate is averaged over.")
-  return axis_name
+def check_axis_name(method: str, axis_name: Any) -> None:
+  """Raises ``TypeError`` unless ``axis_name`` is a non-empty string or None."""
+  if axis_name is not None and (not isinstance(axis_name, str) or not axis_name):
+    raise TypeError(
+        f"{method}: axis_name must be a non-empty string or None, got {axis_name!r}.")
 
 
 def map_batch_arguments(
@@ -590,17 +725,17 @@ def split_arguments(
     shape = jnp.shape(leaf)
     if not shape or shape[0] % splits:
       raise ValueError(
-          f"{method}: batch_splits={splits} must divide the leading (batch)"
+          f"{method}: Splits(n={splits}): n must divide the leading (batch)"
           f" dimension of every leaf of {list(names)}, but"
           f" {jax.tree_util.keystr(path) or 'the argument'} has shape {shape}.")
     return jnp.reshape(leaf, (splits, shape[0] // splits) + shape[1:])
 
   return map_batch_arguments(
       method, extra_args, names,
-      f"batch_splits={splits} splits along axis 0", split)
+      f"Splits(n={splits}) splits along axis 0", split)
 
 
-def mean_over_axis(tree: Any, axis_name: str | None) -> Any:
+def mean_over_axis(tree: Any, axis_name: str | tuple[str, ...] | None) -> Any:
   """``lax.pmean`` over ``axis_name`` (identity for None), with a clear error."""
   if axis_name is None:
     return tree
@@ -610,5 +745,6 @@ def mean_over_axis(tree: Any, axis_name: str | None) -> Any:
     raise ValueError(
         f"axis_name={axis_name!r} is not bound: call the update inside"
         f" jax.pmap(..., axis_name={axis_name!r}) or shard_map over a mesh axis"
-        f" of that name, or pass axis_name=None. ({error})"
+        f" of that name, or build the transform without that axis"
+        f" (perturbation=None, axis_name=None). ({error})"
     ) from None

@@ -308,47 +308,65 @@ def problems() -> list[Problem]:
 GradAt = Callable[[Tree], Tree]
 
 
-def sam(g: Tree, w: Tree, grad_at: GradAt, rho: float, eps: float = DELTA) -> Tree:
-  """``∇L(w + ρ g / (‖g‖ + δ))``."""
+def restrict(tree: Tree, mask: Tree | None) -> Tree:
+  """``m ⊙ tree``: zero on the leaves whose mask is False (None: every leaf).
+
+  ``mask`` is a nested dict of bools with the keys of ``tree``, or a prefix
+  of it (a bool for a whole sub-dict).
+  """
+  if mask is None or mask is True:
+    return tree
+  if mask is False:
+    return tree_map(np.zeros_like, tree)
+  return {k: restrict(tree[k], mask[k]) for k in tree}
+
+
+def sam(g: Tree, w: Tree, grad_at: GradAt, rho: float, eps: float = DELTA,
+        mask: Tree | None = None) -> Tree:
+  """``∇L(w + ρ m⊙g / (‖m⊙g‖ + δ))`` (``m`` the perturbation mask, default all)."""
+  g = restrict(g, mask)
   return grad_at(add(w, rho / (norm(g) + eps), g))
 
 
-def usam(g: Tree, w: Tree, grad_at: GradAt, rho: float) -> Tree:
-  """``∇L(w + ρ g)``."""
-  return grad_at(add(w, rho, g))
+def usam(g: Tree, w: Tree, grad_at: GradAt, rho: float, mask: Tree | None = None) -> Tree:
+  """``∇L(w + ρ m⊙g)``."""
+  return grad_at(add(w, rho, restrict(g, mask)))
 
 
 def asam(g: Tree, w: Tree, grad_at: GradAt, rho: float, eta: float = 0.01,
-         eps: float = DELTA) -> Tree:
-  """``ε = ρ T² g / (‖T g‖ + δ)``, ``T = |w| + η`` except ``T = 1`` on biases."""
+         eps: float = DELTA, mask: Tree | None = None) -> Tree:
+  """``ε = ρ T (m⊙T g) / (‖m⊙T g‖ + δ)``, ``T = |w| + η`` except ``T = 1`` on biases."""
   t = tree_map_with_name(
       lambda name, x: np.ones_like(x) if "bias" in name else np.abs(x) + eta, w)
-  t_g = tree_map(lambda ti, gi: ti * gi, t, g)
+  t_g = restrict(tree_map(lambda ti, gi: ti * gi, t, g), mask)
   epsilon = tree_map(lambda ti, tgi: rho * ti * tgi / (norm(t_g) + eps), t, t_g)
   return grad_at(add(w, 1.0, epsilon))
 
 
 def gsam(g: Tree, w: Tree, grad_at: GradAt, rho: float, alpha: float,
-         eps: float = DELTA) -> Tree:
-  """``g_p − α g⊥`` with ``g⊥ = g − (⟨g, g_p⟩ / (‖g_p‖² + δ)) g_p``."""
-  g_p = sam(g, w, grad_at, rho, eps)
+         eps: float = DELTA, mask: Tree | None = None) -> Tree:
+  """``g_p − α g⊥`` with ``g⊥ = g − (⟨g, g_p⟩ / (‖g_p‖² + δ)) g_p``; the mask
+  restricts the ascent of ``g_p`` only."""
+  g_p = sam(g, w, grad_at, rho, eps, mask)
   g_perp = add(g, -vdot(g, g_p) / (norm(g_p) ** 2 + eps), g_p)
   return add(g_p, -alpha, g_perp)
 
 
 def bsam(g: Tree, w: Tree, grad_at: GradAt, rho_max: float, rho_min: float,
-         eps: float = DELTA) -> Tree:
-  """``g_max + (g − ‖g_max‖ / (‖g_min‖ + δ) · g_min)``."""
-  n = scale(1.0 / (norm(g) + eps), g)
+         eps: float = DELTA, mask: Tree | None = None) -> Tree:
+  """``g_max + (g − ‖g_max‖ / (‖g_min‖ + δ) · g_min)``; the mask restricts
+  both ascents: ``n = m⊙g / (‖m⊙g‖ + δ)``."""
+  g_masked = restrict(g, mask)
+  n = scale(1.0 / (norm(g_masked) + eps), g_masked)
   g_max = grad_at(add(w, rho_max, n))
   g_min = grad_at(add(w, -rho_min, n))
   return add(g_max, 1.0, add(g, -norm(g_max) / (norm(g_min) + eps), g_min))
 
 
 def csam(g: Tree, w: Tree, calibrated_grad_at: GradAt, rho: float,
-         eps: float = DELTA) -> Tree:
+         eps: float = DELTA, mask: Tree | None = None) -> Tree:
   """SAM's ascent along ``g`` (the CE gradient), calibrated loss's gradient there."""
-  return sam(g, w, calibrated_grad_at, rho, eps)
+  return sam(g, w, calibrated_grad_at, rho, eps, mask)
 
 
 def stable(g: Tree, surrogate: Tree, eps: float = DELTA) -> Tree:

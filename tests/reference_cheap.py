@@ -164,15 +164,15 @@ class LookSAM:
   """
 
   def __init__(self, rho: float | Callable[[int], float], k: int, alpha: float,
-               eps: float = ref.DELTA):
-    self.rho, self.k, self.alpha, self.eps = rho, k, alpha, eps
+               eps: float = ref.DELTA, mask=None):
+    self.rho, self.k, self.alpha, self.eps, self.mask = rho, k, alpha, eps, mask
     self.g_v = None
     self.sam_steps = []
 
   def __call__(self, g, w, problem, batch, step):
     rho = self.rho(step) if callable(self.rho) else self.rho
     if step % self.k == 0:
-      g_s = ref.sam(g, w, lambda p: problem.grad(p, batch), rho, self.eps)
+      g_s = ref.sam(g, w, lambda p: problem.grad(p, batch), rho, self.eps, self.mask)
       self.g_v = ref.add(g_s, -ref.vdot(g_s, g) / (ref.norm(g) ** 2 + self.eps), g)
       self.sam_steps.append(step)
       return g_s

@@ -89,14 +89,11 @@ def jax_problems() -> list[JaxProblem]:
 
 
 # --------------------------------------------------------------------------
-# The methods: constructor + NumPy reference, with the hyperparameters used.
+# The methods: the constructors of test_common.ROWS + their NumPy references.
 # --------------------------------------------------------------------------
 
-RHO = 0.1
-ASAM_RHO, ETA = 0.5, 0.01
-ALPHA = 0.3
-RHO_MAX, RHO_MIN = 0.1, 0.05
-GAMMA = 1.0
+# The hyperparameters of the rows of test_common.py.
+from test_common import ALPHA, ASAM_RHO, ETA, GAMMA, RHO, RHO_MAX, RHO_MIN, ROWS_BY_NAME  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,43 +115,44 @@ class Case:
     return problem.logits_fn is not None or not self.classification_only
 
 
+def per_device(axis_name):
+  """The per-device option on ``axis_name`` (None: one device)."""
+  return None if axis_name is None else sam_optax.PerDevice(axis_name)
+
+
 def _grad_at(problem, batch):
   return lambda w: problem.grad(w, batch)
 
 
-def _loss_case(name, constructor, reference, rho, zero=None, **hyper) -> Case:
-  """A method of ``loss_fn``: ``constructor(rho, loss_fn=..., **hyper)``,
-  ``reference(g, w, grad_at, rho, **hyper)``; ``zero`` overrides ``hyper``
-  for the ρ = 0 construction."""
+# The single-step surrogate of each method with a reference in reference.py,
+# ``reference(g, w, problem, batch, t)``, at the hyperparameters of its row.
+REFERENCES = {
+    "sam": lambda g, w, p, b, t: ref.sam(g, w, _grad_at(p, b), RHO),
+    "usam": lambda g, w, p, b, t: ref.usam(g, w, _grad_at(p, b), RHO),
+    "asam": lambda g, w, p, b, t: ref.asam(g, w, _grad_at(p, b), ASAM_RHO, eta=ETA),
+    "gsam": lambda g, w, p, b, t: ref.gsam(g, w, _grad_at(p, b), RHO, alpha=ALPHA),
+    "bsam": lambda g, w, p, b, t: ref.bsam(g, w, _grad_at(p, b), RHO_MAX, rho_min=RHO_MIN),
+    "csam": lambda g, w, p, b, t: ref.csam(
+        g, w, lambda v: p.calibrated_grad(v, b, GAMMA), RHO),
+}
+CLASSIFICATION_ONLY = {"csam"}  # its descent loss is the calibrated cross-entropy
+
+
+def _case(name: str) -> Case:
+  row = ROWS_BY_NAME[name]
   return Case(
       name,
-      lambda p, axis_name=None: constructor(
-          rho, loss_fn=p.loss_fn, axis_name=axis_name, **hyper),
-      lambda g, w, p, b, t: reference(g, w, _grad_at(p, b), rho, **hyper),
-      lambda p: constructor(0.0, loss_fn=p.loss_fn, **{**hyper, **(zero or {})}),
+      lambda p, axis_name=None: row.build(p, perturbation=per_device(axis_name)),
+      REFERENCES[name],
+      # With ρ = 0 CSAM returns the calibrated gradient at w, which is the
+      # incoming cross-entropy gradient only for γ = 0 (the row's ρ = 0 build).
+      row.build_zero,
+      classification_only=name in CLASSIFICATION_ONLY,
   )
 
 
 def _base_cases() -> list[Case]:
-  return [
-      _loss_case("sam", sam_optax.sam, ref.sam, RHO),
-      _loss_case("usam", sam_optax.usam, ref.usam, RHO),
-      _loss_case("asam", sam_optax.asam, ref.asam, ASAM_RHO, eta=ETA),
-      _loss_case("gsam", sam_optax.gsam, ref.gsam, RHO, alpha=ALPHA),
-      _loss_case("bsam", sam_optax.bsam, ref.bsam, RHO_MAX, rho_min=RHO_MIN,
-                 zero={"rho_min": 0.0}),
-      Case(
-          "csam",
-          lambda p, axis_name=None: sam_optax.csam(
-              RHO, gamma=GAMMA, logits_fn=p.logits_fn, axis_name=axis_name),
-          lambda g, w, p, b, t: ref.csam(
-              g, w, lambda v: p.calibrated_grad(v, b, GAMMA), RHO),
-          # With ρ = 0 CSAM returns the calibrated gradient at w, which is the
-          # incoming cross-entropy gradient only for γ = 0.
-          lambda p: sam_optax.csam(0.0, gamma=0.0, logits_fn=p.logits_fn),
-          classification_only=True,
-      ),
-  ]
+  return [_case(name) for name in REFERENCES]
 
 
 def _stable(inner: Case) -> Case:

@@ -36,28 +36,7 @@ def update(tx, grads=GRADS, params=PARAMS, **extra):
 # Construction: radii and hyperparameters.
 # --------------------------------------------------------------------------
 
-RADIUS_CONSTRUCTORS = {
-    "sam": lambda r: sam_optax.sam(r, loss_fn=loss_fn),
-    "usam": lambda r: sam_optax.usam(r, loss_fn=loss_fn),
-    "asam": lambda r: sam_optax.asam(r, loss_fn=loss_fn),
-    "gsam": lambda r: sam_optax.gsam(r, loss_fn=loss_fn),
-    "csam": lambda r: sam_optax.csam(r, logits_fn=logits_fn),
-}
-
-
-@pytest.mark.parametrize("value", [-0.05, NAN, INF, -INF])
-@pytest.mark.parametrize("method", sorted(RADIUS_CONSTRUCTORS))
-def test_bad_rho(method, value):
-  with pytest.raises(ValueError, match=rf"{method.replace('usam', 'sam')}: rho must be finite and >= 0, got rho="):
-    RADIUS_CONSTRUCTORS[method](value)
-
-
-@pytest.mark.parametrize("value", [-0.05, NAN, INF])
-@pytest.mark.parametrize("name", ["rho_max", "rho_min"])
-def test_bad_bsam_radii(name, value):
-  kwargs = {"rho_max": 0.05, "rho_min": 0.05, name: value}
-  with pytest.raises(ValueError, match=rf"bsam: {name} must be finite and >= 0, got {name}="):
-    sam_optax.bsam(**kwargs, loss_fn=loss_fn)
+# The radius and eps errors of every constructor: tests/test_common.py.
 
 
 def test_schedule_checked_at_step_zero():
@@ -90,31 +69,21 @@ def test_gamma_outside_zero_two(value):
     sam_optax.csam(0.05, gamma=value, logits_fn=logits_fn)
 
 
-EPS_CONSTRUCTORS = {
-    "sam": lambda e: sam_optax.sam(0.05, loss_fn=loss_fn, eps=e),
-    "asam": lambda e: sam_optax.asam(0.5, loss_fn=loss_fn, eps=e),
-    "gsam": lambda e: sam_optax.gsam(0.05, loss_fn=loss_fn, eps=e),
-    "bsam": lambda e: sam_optax.bsam(0.05, 0.05, loss_fn=loss_fn, eps=e),
-    "csam": lambda e: sam_optax.csam(0.05, logits_fn=logits_fn, eps=e),
-    "stable_sam": lambda e: sam_optax.stable_sam(sam_optax.sam(0.05, loss_fn=loss_fn), eps=e),
-}
-
-
-@pytest.mark.parametrize("value", [0.0, -1e-12, NAN, INF])
-@pytest.mark.parametrize("method", sorted(EPS_CONSTRUCTORS))
-def test_eps_must_be_positive(method, value):
-  with pytest.raises(ValueError, match=rf"{method}: eps must be finite and > 0, got eps="):
-    EPS_CONSTRUCTORS[method](value)
-
-
 def test_loss_fn_not_callable():
   with pytest.raises(TypeError, match=r"sam: loss_fn must be a function, got int"):
     sam_optax.sam(0.05, loss_fn=3)
 
 
 def test_axis_name_not_a_string():
-  with pytest.raises(TypeError, match=r"axis_name must be a string or None"):
-    sam_optax.sam(0.05, loss_fn=loss_fn, axis_name=0)
+  with pytest.raises(TypeError, match=r"PerDevice: axis_name must be a non-empty string .* got 0"):
+    sam_optax.PerDevice(0)
+  with pytest.raises(TypeError, match=r"stable_sam: axis_name must be a non-empty string or None, got 0"):
+    sam_optax.stable_sam(sam_optax.sam(0.05, loss_fn=loss_fn), axis_name=0)
+
+
+def test_perturbation_not_an_option():
+  with pytest.raises(TypeError, match=r"sam: perturbation must be None, sam_optax.PerDevice.*got str 'data'"):
+    sam_optax.sam(0.05, loss_fn=loss_fn, perturbation="data")
 
 
 # --------------------------------------------------------------------------
@@ -241,7 +210,7 @@ def test_mismatched_shapes():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: sam_optax.sam(0.05, loss_fn=loss_fn, axis_name="data"),
+    lambda: sam_optax.sam(0.05, loss_fn=loss_fn, perturbation=sam_optax.PerDevice("data")),
     lambda: sam_optax.stable_sam(sam_optax.usam(0.05, loss_fn=loss_fn), axis_name="data"),
 ], ids=["sam", "stable_sam"])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])

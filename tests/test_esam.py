@@ -144,7 +144,7 @@ class VariantsTest(chex.TestCase):
     loss_fn = per_example_loss_of(problem)
     tx = optax.chain(
         sam_optax.esam(RHO, beta=0.5, gamma=0.5, loss_fn=loss_fn, seed=SEED,
-                       axis_name="i" if pmap else None),
+                       perturbation=sam_optax.PerDevice("i") if pmap else None),
         optax.sgd(LR, momentum=MOMENTUM))
     step = self.variant(make_esam_step(tx, loss_fn), **({"n_devices": 2} if pmap else {}))
     params, state = problem.params, tx.init(problem.params)

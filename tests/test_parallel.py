@@ -1,16 +1,16 @@
 """Data parallelism and m-sharpness on 8 fake CPU devices.
 
-Checks, for every method of the core family:
-* synchronized perturbation (``sync_perturbation=True``) under ``pmap``
-  equals the single-device step on the whole batch;
-* per-device perturbation (the default) under ``pmap`` equals a loop that
-  runs the single-device method on each shard separately and averages the
-  surrogate gradients (and, for SAM, a plain NumPy computation);
+Checks (``test_common.py`` checks, for every method, that ``Synced`` under
+``pmap`` equals the single-device step on the whole batch and that
+``PerDevice`` equals a loop over the shards):
+* per-device SAM under ``pmap`` equals a plain NumPy computation;
 * ``pmap``, ``shard_map`` and ``jit`` over a sharded batch with
-  ``batch_splits = n_devices`` give the same parameters after several steps;
+  ``Splits(n_devices)`` give the same parameters after several steps;
 * bad data-parallel input fails with a clear error before any step runs.
 """
 
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +20,13 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sam_optax
+import test_common as common
 
 N_DEVICES = 8
 PER_DEVICE = 4
 N_FEATURES, N_CLASSES = 5, 3
 AXIS = "data"
+DEVICE_ASCENT = sam_optax.PerDevice(AXIS)
 
 
 def loss_fn(params, batch):
@@ -38,17 +40,10 @@ def logits_fn(params, batch):
   return x @ params["kernel"] + params["bias"], y
 
 
-METHODS = {
-    "sam": lambda **kw: sam_optax.sam(0.1, loss_fn=loss_fn, **kw),
-    "usam": lambda **kw: sam_optax.usam(0.1, loss_fn=loss_fn, **kw),
-    "asam": lambda **kw: sam_optax.asam(0.5, loss_fn=loss_fn, **kw),
-    "gsam": lambda **kw: sam_optax.gsam(0.1, alpha=0.4, loss_fn=loss_fn, **kw),
-    "bsam": lambda **kw: sam_optax.bsam(0.1, 0.05, loss_fn=loss_fn, **kw),
-    "csam": lambda **kw: sam_optax.csam(0.1, gamma=1.0, logits_fn=logits_fn, **kw),
-    "stable_sam": lambda **kw: sam_optax.stable_sam(
-        sam_optax.usam(0.1, loss_fn=loss_fn, **kw),
-        axis_name=kw.get("axis_name")),
-}
+# The constructors of test_common.py, on this module's loss.
+_LOSSES = common.Tiny(loss_fn, logits_fn)
+METHODS = {name: functools.partial(common.ROWS_BY_NAME[name].build, _LOSSES)
+           for name in ("sam", "asam", "gsam", "bsam", "csam")}
 
 
 @pytest.fixture(scope="module")
@@ -90,47 +85,6 @@ def single_device_surrogate(tx, params, batch):
   return jax.jit(tx.update)(grads, tx.init(params), params, batch=batch)[0]
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_synchronized_perturbation_equals_single_device_on_whole_batch(problem, name):
-  params, batch = problem
-  if name == "stable_sam":
-    tx = sam_optax.stable_sam(
-        sam_optax.usam(0.1, loss_fn=loss_fn, axis_name=AXIS, sync_perturbation=True),
-        axis_name=AXIS)
-  else:
-    tx = METHODS[name](axis_name=AXIS, sync_perturbation=True)
-  got = pmapped_surrogate(tx, params, batch)
-  want = single_device_surrogate(METHODS[name](), params, batch)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), got, want)
-
-
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_per_device_perturbation_equals_loop_over_shards(problem, name):
-  params, batch = problem
-  got = pmapped_surrogate(METHODS[name](axis_name=AXIS), params, batch)
-  per_shard = [
-      single_device_surrogate(METHODS[name](), params, jax.tree.map(lambda a: a[i], shards(batch)))
-      for i in range(N_DEVICES)
-  ]
-  if name == "stable_sam":
-    # StableSAM rescales the *averaged* surrogate to the norm of the averaged
-    # gradient (the whole batch's), not each shard's.
-    inner = [single_device_surrogate(sam_optax.usam(0.1, loss_fn=loss_fn), params,
-                                     jax.tree.map(lambda a: a[i], shards(batch)))
-             for i in range(N_DEVICES)]
-    mean_inner = jax.tree.map(lambda *a: np.mean(a, axis=0), *inner)
-    full_grad = jax.grad(loss_fn)(params, batch)
-    scale = optax.tree.norm(full_grad) / optax.tree.norm(mean_inner)
-    want = jax.tree.map(lambda a: a * scale, mean_inner)
-  else:
-    want = jax.tree.map(lambda *a: np.mean(a, axis=0), *per_shard)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), got, want)
-  # m-sharpness matters: per-device differs from the synchronized perturbation.
-  sync = single_device_surrogate(METHODS[name](), params, batch)
-  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in
-             zip(jax.tree.leaves(got), jax.tree.leaves(sync))) > 1e-4
-
-
 def numpy_softmax_ce_grad(kernel, bias, x, y):
   logits = x @ kernel + bias
   p = np.exp(logits - logits.max(-1, keepdims=True))
@@ -142,7 +96,7 @@ def numpy_softmax_ce_grad(kernel, bias, x, y):
 
 def test_per_device_sam_matches_numpy(problem):
   params, batch = problem
-  got = pmapped_surrogate(METHODS["sam"](axis_name=AXIS), params, batch)
+  got = pmapped_surrogate(METHODS["sam"](perturbation=DEVICE_ASCENT), params, batch)
   kernel, bias = (np.asarray(params[k], np.float64) for k in ("kernel", "bias"))
   x, y = np.asarray(batch[0], np.float64), np.asarray(batch[1])
   rho, total_k, total_b = 0.1, 0.0, 0.0
@@ -181,7 +135,7 @@ def base_and(method):
 
 
 def train_pmap(name, params, batch):
-  tx = base_and(METHODS[name](axis_name=AXIS))
+  tx = base_and(METHODS[name](perturbation=DEVICE_ASCENT))
   step = jax.pmap(training_step(tx), axis_name=AXIS)
   params = run_steps(step, replicate(params), replicate(tx.init(params)), shards(batch))
   return jax.tree.map(lambda a: a[0], params)
@@ -189,18 +143,18 @@ def train_pmap(name, params, batch):
 
 def train_shard_map(name, params, batch):
   mesh = Mesh(np.array(jax.devices()[:N_DEVICES]), (AXIS,))
-  tx = base_and(METHODS[name](axis_name=AXIS))
+  tx = base_and(METHODS[name](perturbation=DEVICE_ASCENT))
   step = jax.jit(jax.shard_map(training_step(tx), mesh=mesh, in_specs=(P(), P(), P(AXIS)),
                                out_specs=(P(), P()), check_vma=False))
   return run_steps(step, params, tx.init(params), batch)
 
 
 def train_sharded_jit(name, params, batch):
-  """jit over a batch sharded across the mesh; batch_splits = devices."""
+  """jit over a batch sharded across the mesh; Splits(devices)."""
   mesh = Mesh(np.array(jax.devices()[:N_DEVICES]), (AXIS,))
   batch = jax.device_put(batch, NamedSharding(mesh, P(AXIS)))
   params = jax.device_put(params, NamedSharding(mesh, P()))
-  tx = base_and(METHODS[name](batch_splits=N_DEVICES))
+  tx = base_and(METHODS[name](perturbation=sam_optax.Splits(N_DEVICES)))
   trained = run_steps(jax.jit(training_step(tx)), params, tx.init(params), batch)
   assert batch[0].sharding.spec == P(AXIS)
   return trained
@@ -218,62 +172,65 @@ def test_pmap_shard_map_and_sharded_jit_agree_after_several_steps(problem, name)
   assert not np.allclose(by_pmap["kernel"], params["kernel"])  # it trained
 
 
-def test_batch_splits_one_equals_plain_step(problem):
+def test_one_split_equals_plain_step(problem):
   params, batch = problem
   plain = single_device_surrogate(METHODS["gsam"](), params, batch)
-  split = single_device_surrogate(METHODS["gsam"](batch_splits=1), params, batch)
+  split = single_device_surrogate(METHODS["gsam"](perturbation=sam_optax.Splits(1)), params, batch)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), plain, split)
 
 
-def test_batch_not_divisible_by_batch_splits(problem):
+def test_batch_not_divisible_by_splits(problem):
   params, batch = problem
-  tx = METHODS["sam"](batch_splits=5)
-  with pytest.raises(ValueError, match=r"batch_splits=5 must divide the leading \(batch\) dimension"):
+  tx = METHODS["sam"](perturbation=sam_optax.Splits(5))
+  with pytest.raises(ValueError, match=r"Splits\(n=5\): n must divide the leading \(batch\) dimension"):
     tx.update(jax.grad(loss_fn)(params, batch), tx.init(params), params, batch=batch)
 
 
-def test_batch_splits_needs_the_named_batch_argument(problem):
+def test_splits_needs_the_named_batch_argument(problem):
   params, batch = problem
-  tx = sam_optax.sam(0.1, loss_fn=lambda p, data: loss_fn(p, data), batch_splits=2)
+  tx = sam_optax.sam(0.1, loss_fn=lambda p, data: loss_fn(p, data),
+                     perturbation=sam_optax.Splits(2))
   with pytest.raises(ValueError, match=r"got no \['batch'\].*Set batch_argnames"):
     tx.update(jax.grad(loss_fn)(params, batch), tx.init(params), params, data=batch)
 
 
 @pytest.mark.parametrize("bad", [0, -2, 2.0, True])
-def test_bad_batch_splits(bad):
-  with pytest.raises(ValueError, match="batch_splits must be a positive int"):
-    sam_optax.sam(0.1, loss_fn=loss_fn, batch_splits=bad)
+def test_bad_number_of_splits(bad):
+  with pytest.raises(ValueError, match=f"Splits: n must be an int >= 1, got n={bad!r}"):
+    sam_optax.Splits(bad)
 
 
-def test_sync_perturbation_needs_axis_name():
-  with pytest.raises(ValueError, match="sync_perturbation=True .* needs axis_name"):
-    sam_optax.gsam(0.1, loss_fn=loss_fn, sync_perturbation=True)
+@pytest.mark.parametrize("bad", ["batch", (), [1]])
+def test_bad_batch_argnames(bad):
+  with pytest.raises(TypeError, match="Splits: batch_argnames must be a non-empty sequence"):
+    sam_optax.Splits(2, batch_argnames=bad)
 
 
-def test_sync_and_batch_splits_contradict():
-  with pytest.raises(ValueError, match="contradict"):
-    sam_optax.sam(0.1, loss_fn=loss_fn, axis_name=AXIS, sync_perturbation=True, batch_splits=2)
+@pytest.mark.parametrize("option", [sam_optax.Synced, sam_optax.PerDevice])
+def test_synced_and_per_device_need_an_axis(option):
+  with pytest.raises(TypeError, match=f"{option.__name__}: axis_name must be a non-empty string"):
+    option(None)
 
 
 def test_unbound_axis_name_is_a_clear_error(problem):
   params, batch = problem
-  tx = METHODS["bsam"](axis_name="devices")
+  tx = METHODS["bsam"](perturbation=sam_optax.PerDevice("devices"))
   grads = jax.grad(loss_fn)(params, batch)
   with pytest.raises(ValueError, match=r"axis_name='devices' is not bound"):
     jax.jit(tx.update)(grads, tx.init(params), params, batch=batch)
 
 
 @pytest.mark.parametrize("wrap, second_step_is_plain", [
-    (lambda inner: sam_optax.every_k(inner, 2), True),
-    (lambda inner: sam_optax.with_probability(inner, 0.5, seed=3), False),
-    (sam_optax.stable_sam, False),
+    (lambda inner: sam_optax.every_k(inner, 2, axis_name=AXIS), True),
+    (lambda inner: sam_optax.with_probability(inner, 0.5, seed=3, axis_name=AXIS), False),
+    (lambda inner: sam_optax.stable_sam(inner, axis_name=AXIS), False),
 ])
 def test_wrappers_take_the_inner_axis_and_keep_devices_in_step(problem, wrap, second_step_is_plain):
-  """A wrapper without its own axis_name uses the inner method's: on steps
-  that skip the inner method the plain gradient is averaged too, so every
-  device applies the same update."""
+  """A wrapper given the inner method's axis: on steps that skip the inner
+  method the plain gradient is averaged too, so every device applies the
+  same update."""
   params, batch = problem
-  tx = wrap(METHODS["sam"](axis_name=AXIS))
+  tx = wrap(METHODS["sam"](perturbation=DEVICE_ASCENT))
 
   def two_steps(params, state, batch):
     grads = jax.grad(loss_fn)(params, batch)
@@ -291,6 +248,25 @@ def test_wrappers_take_the_inner_axis_and_keep_devices_in_step(problem, wrap, se
                  outs[1], whole_batch_grad)
 
 
-def test_a_wrapper_with_another_axis_is_an_error():
-  with pytest.raises(ValueError, match="differs from the inner method's"):
-    sam_optax.every_k(METHODS["sam"](axis_name=AXIS), 2, axis_name="other")
+
+@pytest.mark.parametrize("name", ["gsam", "looksam"])
+def test_splits_with_an_axis_under_pmap_equals_a_loop_over_the_shards(problem, name):
+  """``Splits(2, axis_name=...)``: two groups per device, averaged over the
+  groups of every device (LookSAM's state from those averages stays
+  replicated)."""
+  params, batch = problem
+  row = common.ROWS_BY_NAME[name]
+  tx = row.build(_LOSSES, perturbation=sam_optax.Splits(2, axis_name=AXIS))
+
+  def local(params, shard):
+    grads = jax.grad(loss_fn)(params, shard)
+    return tx.update(grads, tx.init(params), params, batch=shard)
+
+  surrogates, states = jax.pmap(local, axis_name=AXIS, in_axes=(None, 0))(params, shards(batch))
+  for leaf in jax.tree.leaves((surrogates, states)):
+    np.testing.assert_allclose(leaf, jnp.broadcast_to(leaf[0], leaf.shape), rtol=1e-6, atol=1e-7)
+  single = row.build(_LOSSES, perturbation=sam_optax.Splits(2))
+  per_shard = [single_device_surrogate(single, params, jax.tree.map(lambda a, i=i: a[i], shards(batch)))
+               for i in range(N_DEVICES)]
+  want = jax.tree.map(lambda *a: np.mean(a, axis=0), *per_shard)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=2e-5, atol=1e-6), surrogates, want)

@@ -1,20 +1,10 @@
-"""Properties of every method, checked with hypothesis on logistic regression.
+"""Float32 accumulation and dtypes, checked with hypothesis.
 
-* ρ = 0 returns the incoming gradient (CSAM with γ = 0, whose descent loss
-  is then the cross-entropy; BSAM with ρ_max = ρ_min = 0 gives
-  ``g + (g − ‖g‖/(‖g‖+δ) g) ≈ g``; GSAM's ``g⊥`` vanishes);
-* a learning rate of 0 leaves the parameters unchanged (so every update is
-  finite), with momentum SGD and with AdamW as the base;
-* a zero incoming gradient gives finite updates, never NaN;
-* bfloat16 parameters give bfloat16 updates close to the float32 run, and
-  the global norm and inner product are accumulated in float32;
-* results are identical with and without jit.
-
-Shapes are fixed, so every method is compiled once (a cached jitted function
-per method and dtype) and hypothesis varies only the values.
+The properties every constructor shares (ρ = 0, a zero gradient, a zero
+learning rate, bfloat16, jit) are in ``test_common.py``. Here: the global
+norm and inner product are accumulated in float32, SAM's bf16 ascent uses
+that norm, and the output dtype follows the incoming gradient.
 """
-
-import functools
 
 import hypothesis
 import hypothesis.extra.numpy as hnp
@@ -22,8 +12,6 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-import pytest
 
 import reference as ref
 import sam_cases as cases
@@ -41,122 +29,6 @@ SETTINGS = hypothesis.settings(
     # Shrinking re-runs the eager path hundreds of times; the failing example
     # is reported as generated.
     phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate])
-
-
-def _floats(shape, bound=2.0):
-  return hnp.arrays(np.float32, shape,
-                    elements=st.floats(-bound, bound, width=32, allow_subnormal=False))
-
-
-PARAMS = st.fixed_dictionaries({"kernel": _floats((D, CLASSES)), "bias": _floats((CLASSES,))})
-BATCH = st.fixed_dictionaries({
-    "x": _floats((N, D)),
-    "y": hnp.arrays(np.int32, (N,), elements=st.integers(0, CLASSES - 1)),
-})
-
-CASE_IDS = [case.name for case in cases.CASES]
-
-
-def _evaluate(case: cases.Case, params, batch, *, full: bool = True):
-  """Everything the properties look at, for one method, params and batch.
-
-  ``full=False`` computes only the surrogate gradient and the update at a
-  zero gradient (the bf16 property), to keep each compiled program small.
-  """
-  grads = jax.grad(PROBLEM.loss_fn)(params, batch)
-  out = {"grads": grads}
-
-  tx = case.make(PROBLEM)
-  out["surrogate"] = tx.update(grads, tx.init(params), params, batch=batch)[0]
-  zeros = jax.tree.map(jnp.zeros_like, grads)
-  out["zero_grad"] = tx.update(zeros, tx.init(params), params, batch=batch)[0]
-  if not full:
-    return out
-
-  zero = case.make_zero(PROBLEM)
-  out["rho_zero"] = zero.update(grads, zero.init(params), params, batch=batch)[0]
-
-  for base_name, base in [("sgd", optax.sgd(0.0, momentum=0.9)),
-                          ("adamw", optax.adamw(0.0, weight_decay=0.1))]:
-    chained = optax.chain(case.make(PROBLEM), base)
-    new_params, _ = cases.make_step(chained, PROBLEM.loss_fn)(
-        params, chained.init(params), batch)
-    out[f"lr_zero_{base_name}"] = new_params
-  return out
-
-
-@functools.cache
-def jitted(name: str, full: bool = True):
-  """One compiled evaluation per method (and per input dtype, by jax's cache)."""
-  return jax.jit(functools.partial(_evaluate, cases.CASES_BY_NAME[name], full=full))
-
-
-def _assert_close(a, b, rtol, atol):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(
-      np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol), a, b)
-
-
-@pytest.mark.parametrize("name", CASE_IDS)
-@SETTINGS
-@hypothesis.given(params=PARAMS, batch=BATCH)
-def test_rho_zero_returns_the_incoming_gradient(name, params, batch):
-  out = jitted(name)(params, batch)
-  # GSAM, BSAM and StableSAM deviate from g by terms of order δ/‖g‖.
-  _assert_close(out["rho_zero"], out["grads"], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", CASE_IDS)
-@SETTINGS
-@hypothesis.given(params=PARAMS, batch=BATCH)
-def test_learning_rate_zero_leaves_params_unchanged(name, params, batch):
-  out = jitted(name)(params, batch)
-  for base in ("sgd", "adamw"):
-    jax.tree.map(np.testing.assert_array_equal, out[f"lr_zero_{base}"], params)
-
-
-@pytest.mark.parametrize("name", CASE_IDS)
-@SETTINGS
-@hypothesis.given(params=PARAMS, batch=BATCH)
-def test_zero_gradient_gives_finite_updates(name, params, batch):
-  out = jitted(name)(params, batch)
-  for leaf in jax.tree.leaves(out["zero_grad"]):
-    assert np.all(np.isfinite(leaf)), (name, out["zero_grad"])
-  if name.startswith("stable_"):
-    # ‖g‖ = 0 rescales the surrogate to zero.
-    jax.tree.map(lambda x: np.testing.assert_array_equal(x, 0.0), out["zero_grad"])
-
-
-@pytest.mark.parametrize("name", CASE_IDS)
-@SETTINGS
-@hypothesis.given(params=PARAMS, batch=BATCH)
-def test_jit_and_eager_agree(name, params, batch):
-  case = cases.CASES_BY_NAME[name]
-  eager = _evaluate(case, params, batch, full=False)
-  compiled = jitted(name, full=False)(params, batch)
-  # XLA may fuse and reorder float32 arithmetic under jit: a few ulps, of the
-  # largest terms that enter a component (GSAM's g_p − α g⊥ and BSAM's
-  # g + g_max − r·g_min cancel), so the absolute part scales with the norms.
-  scale = float(optax.tree.norm(eager["surrogate"]) + optax.tree.norm(eager["grads"]))
-  _assert_close(compiled["surrogate"], eager["surrogate"], rtol=1e-6, atol=2e-6 * scale)
-
-
-@pytest.mark.parametrize("name", CASE_IDS)
-@SETTINGS
-@hypothesis.given(params=PARAMS, batch=BATCH)
-def test_bfloat16_params(name, params, batch):
-  params16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
-  # The float32 run starts from the same (bf16-representable) values.
-  params32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params16)
-  out16 = jitted(name, full=False)(params16, batch)
-  out32 = jitted(name, full=False)(params32, batch)
-  for leaf in jax.tree.leaves(out16["surrogate"]) + jax.tree.leaves(out16["zero_grad"]):
-    assert leaf.dtype == jnp.bfloat16
-  # bf16 keeps 8 significant bits: the ascent point and every output are
-  # rounded to ~0.4 %; allow a few of those relative to the gradient's size.
-  scale = float(optax.tree.norm(out32["surrogate"])) + float(optax.tree.norm(out32["grads"]))
-  difference = float(_ascent.global_norm(jax.tree.map(
-      lambda a, b: jnp.asarray(a, jnp.float32) - b, out16["surrogate"], out32["surrogate"])))
-  assert difference <= 0.05 * scale + 1e-3, (difference, scale)
 
 
 # --------------------------------------------------------------------------

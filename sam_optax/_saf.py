@@ -1,6 +1,6 @@
 """SAF: sharpness-aware training for free, with a memory bank of past logits.
 
-SAF and MESA (:mod:`sam_optax.mesa`) add a trajectory loss to the task loss
+SAF and MESA (:func:`sam_optax.mesa`) add a trajectory loss to the task loss
 instead of re-evaluating the gradient at a perturbed point, so a step costs
 one forward and one backward pass (MESA: plus one forward of the EMA
 weights). This module holds what the two share: the epoch window in which the

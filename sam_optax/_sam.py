@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import optax
 
 from sam_optax import _ascent
-from sam_optax._ascent import LossFn, Radius
+from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax._parallel import Perturbation
 
 
 def sam(
@@ -17,10 +17,8 @@ def sam(
     loss_fn: LossFn | None = None,
     normalize: bool = True,
     has_aux: bool = False,
-    axis_name: str | None = None,
-    batch_splits: int | None = None,
-    batch_argnames: Sequence[str] = ("batch",),
-    sync_perturbation: bool = False,
+    perturbation: Perturbation | None = None,
+    mask: Mask | None = None,
     eps: float = _ascent.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization (Foret et al., ICLR 2021, arXiv:2010.01412).
@@ -36,11 +34,20 @@ def sam(
   ``g̃`` at the original ``w``. Norms are accumulated in float32. Cost: one
   extra forward and backward pass per step (≈ 2× SGD).
 
-  With ``axis_name`` (inside ``jax.pmap`` or ``shard_map``), each device
-  perturbs with its *own* gradient, so pass the local, un-averaged gradient
-  (m-sharpness with m = the per-device batch, as in the paper); ``g̃`` is
-  averaged across the axis once. Pass an already averaged gradient to
-  perturb all devices with the same, synchronized, direction.
+  Data parallelism (``perturbation=``): with
+  ``sam_optax.PerDevice(axis_name)`` (inside ``jax.pmap`` or ``shard_map``)
+  each device perturbs with its *own* gradient, so pass the local,
+  un-averaged gradient (m-sharpness with m = the per-device batch, as in the
+  paper); ``g̃`` is averaged across the axis once.
+  ``sam_optax.Synced(axis_name)`` perturbs with the averaged gradient (the
+  single-device step on the global batch); ``sam_optax.Splits(n)`` perturbs
+  per group of ``B / n`` examples. See :mod:`sam_optax._parallel`.
+
+  Masks (``mask=``): only the masked leaves are perturbed, and ``‖g‖`` is
+  taken over them: ``ε = ρ · m ⊙ g / (‖m ⊙ g‖ + δ)``; the gradient is still
+  re-evaluated for, and returned on, every leaf. Perturbing only the
+  normalization layers is SAM-ON (Mueller et al., NeurIPS 2023); a mask per
+  layer gives layer-wise SAM. Every method of the family takes ``mask``.
 
   Weight decay belongs in the base optimizer after this transform
   (``optax.chain(sam(...), optax.add_decayed_weights(wd), optax.sgd(lr))``,
@@ -57,21 +64,12 @@ def sam(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``. The ``aux`` of the
       re-evaluation is dropped: model state such as BatchNorm statistics is
       taken from the user's own first pass (see the README).
-    axis_name: the data-parallel axis (of ``jax.pmap`` or ``shard_map``) to
-      average the surrogate gradient over, once.
-    batch_splits: m-sharpness inside a device: split the batch into this many
-      groups of ``m = B / batch_splits`` examples and perturb each group with
-      its own gradient (recomputed, vectorized: one extra pass); the
-      surrogate is the mean over groups. Under ``jax.jit`` with a batch
-      sharded over ``n`` devices, ``batch_splits=n`` gives the per-device
-      perturbation of ``pmap``.
-    batch_argnames: the extra arguments of ``update`` that ``batch_splits``
-      splits along axis 0 (model state such as BatchNorm statistics is not
-      split).
-    sync_perturbation: perturb with the gradient averaged over ``axis_name``
-      instead of the local one, and average every re-evaluated gradient: the
-      step of the single-device method on the global batch (one all-reduce
-      per gradient evaluation).
+    perturbation: where the perturbation is computed under data
+      parallelism: None (from the gradient given), ``sam_optax.PerDevice``,
+      ``sam_optax.Synced`` or ``sam_optax.Splits``.
+    mask: the leaves to perturb: a pytree of bools like the params (or a
+      prefix of it), or a function of the params that returns one, as
+      ``optax.masked`` takes; None perturbs every leaf.
     eps: δ, added to norms in divisions.
 
   Returns:
@@ -83,6 +81,9 @@ def sam(
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
     Andriushchenko & Flammarion, `Towards Understanding Sharpness-Aware
     Minimization <https://arxiv.org/abs/2206.06232>`_, ICML 2022 (USAM).
+    Mueller et al., `Normalization Layers Are All That Sharpness-Aware
+    Minimization Needs <https://arxiv.org/abs/2306.04226>`_, NeurIPS 2023
+    (SAM-ON, ``mask=``).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, sam_optax
@@ -99,18 +100,39 @@ def sam(
     >>> params = optax.apply_updates(params, updates)
     >>> bool(loss_fn(params, batch) < loss_fn({'w': jnp.array([1.0, -1.0])}, batch))
     True
+
+    SAM-ON: perturb only the normalization layers of a Flax model (every
+    leaf is still updated with the gradient at the perturbed point):
+
+    >>> import flax.linen as nn
+    >>> class MLP(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     x = nn.relu(nn.LayerNorm()(nn.Dense(8)(x)))
+    ...     return nn.Dense(1)(x)[:, 0]
+    >>> model = MLP()
+    >>> x, y = jnp.ones((4, 3)), jnp.zeros(4)
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> def mse(variables, x, y):
+    ...   return jnp.mean((model.apply(variables, x) - y) ** 2)
+    >>> def is_norm(variables):  # True on the leaves of LayerNorm modules
+    ...   return jax.tree_util.tree_map_with_path(
+    ...       lambda path, _: any('Norm' in str(k) for k in path), variables)
+    >>> tx = optax.chain(sam_optax.sam(0.05, loss_fn=mse, mask=is_norm),
+    ...                  optax.sgd(0.1))
+    >>> state = tx.init(variables)
+    >>> grads = jax.grad(mse)(variables, x, y)
+    >>> updates, state = tx.update(grads, state, variables, x=x, y=y)
+    >>> sorted(updates['params'])
+    ['Dense_0', 'Dense_1', 'LayerNorm_0']
   """
-  _ascent.check_positive("eps", eps, "sam")
+  def rule(grads, state, ascent, *, rho):
+    direction = ascent.normalized(grads) if normalize else grads
+    return ascent.gradient_at(direction, rho), state
 
-  def rule(grads, params, gradient_at, *, rho):
-    return _ascent.sam_gradient(grads, params, gradient_at, rho,
-                                normalize=normalize, eps=eps)
-
-  return _ascent.surrogate_transformation(
+  return _ascent.transformation(
       "sam", rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,
-      axis_name=axis_name, batch_splits=batch_splits,
-  batch_argnames=batch_argnames, sync_perturbation=sync_perturbation,
-  )
+      perturbation=perturbation, mask=mask, eps=eps)
 
 
 def usam(rho: Radius = 0.05, **kwargs: Any) -> optax.GradientTransformationExtraArgs:

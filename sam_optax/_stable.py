@@ -28,17 +28,16 @@ def stable_sam(
   uses the unnormalized ascent (``sam_optax.usam``, e.g. ρ = 0.05 with
   lr 0.05); the normalized one works too.
 
-  With data parallelism the inner surrogate is averaged across the inner
-  method's ``axis_name``, so ``‖g‖`` is taken of the incoming gradient
-  averaged across the same axis: the gradient of the whole batch, the same
-  on every device. The wrapper reads the axis from ``inner``.
+  With data parallelism the inner surrogate is averaged across the axis of
+  the inner method's ``perturbation``, so pass that axis as ``axis_name``
+  here: ``‖g‖`` is then taken of the incoming gradient averaged across it,
+  the gradient of the whole batch, the same on every device.
 
   Args:
     inner: a transform of this family (or any ``GradientTransformation``
       that maps a gradient to a surrogate gradient).
-    axis_name: the data-parallel axis the inner method averages over; by
-      default the ``axis_name`` ``inner`` was built with. Only needed for an
-      ``inner`` from outside this library.
+    axis_name: the data-parallel axis the inner method averages over (the
+      ``axis_name`` of its ``perturbation``), or None without one.
     eps: δ, added to ``‖g̃‖``.
 
   Returns:
@@ -64,12 +63,11 @@ def stable_sam(
   """
   inner = _ascent.check_inner("stable_sam", inner)
   _ascent.check_positive("eps", eps, "stable_sam")
-  axis_name = _ascent.wrapper_axis("stable_sam", inner, axis_name)
+  _ascent.check_axis_name("stable_sam", axis_name)
 
   def update(updates, state, params=None, **extra_args):
     surrogate, state = inner.update(updates, state, params, **extra_args)
     exact = _ascent.mean_over_axis(updates, axis_name)
     return _ascent.rescale_to_norm(surrogate, exact, eps), state
 
-  update.axis_name = axis_name
   return optax.GradientTransformationExtraArgs(inner.init, update)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import optax
 
 from sam_optax import _ascent
-from sam_optax._ascent import LossFn, Radius
+from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax._parallel import Perturbation
 
 
 def gsam(
@@ -16,10 +15,8 @@ def gsam(
     alpha: float = 0.1,
     loss_fn: LossFn | None = None,
     has_aux: bool = False,
-    axis_name: str | None = None,
-    batch_splits: int | None = None,
-    batch_argnames: Sequence[str] = ("batch",),
-    sync_perturbation: bool = False,
+    perturbation: Perturbation | None = None,
+    mask: Mask | None = None,
     eps: float = _ascent.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Surrogate-gap SAM (Zhuang et al., ICLR 2022, arXiv:2203.08065).
@@ -35,15 +32,16 @@ def gsam(
   without touching the SAM loss to first order. In the paper ``ρ_t`` follows
   the learning-rate schedule: pass
   ``rho=sam_optax.rho_schedule_from_lr(lr_schedule, rho_max=..., rho_min=...,
-  lr_max=..., lr_min=...)``. With ``axis_name`` the ascent and the
-  decomposition run per device and only the result is averaged.
+  lr_max=..., lr_min=...)``. With ``sam_optax.PerDevice`` the ascent and
+  the decomposition run per device and only the result is averaged. A
+  ``mask`` restricts the ascent only; the decomposition sees every leaf.
   ``alpha=0`` (and a constant ρ) recovers SAM.
 
   Args:
     rho: the radius ρ_t ≥ 0, a float or an optax schedule.
     alpha: α, the weight of the ascent along the orthogonal component
       (0.6 for ViT-B/32 on ImageNet in the paper).
-    loss_fn, has_aux, axis_name, batch_splits, batch_argnames, sync_perturbation, eps:
+    loss_fn, has_aux, perturbation, mask, eps:
       see :func:`sam_optax.sam`.
 
   Returns:
@@ -68,19 +66,12 @@ def gsam(
     >>> updates, state = tx.update(grads, state, params, x=jnp.arange(4.0))
   """
   _ascent.check_non_negative("alpha", alpha, "gsam")
-  _ascent.check_positive("eps", eps, "gsam")
 
-  def rule(grads, params, gradient_at, *, rho):
-    sam_grads = _ascent.sam_gradient(grads, params, gradient_at, rho,
-                                     normalize=True, eps=eps)
-    projection = _ascent.vdot(grads, sam_grads) / (
-        _ascent.global_norm(sam_grads) ** 2 + eps)
-    orthogonal = _ascent.scaled_sum(grads, -projection, sam_grads,
-                                    like=sam_grads)
-    return _ascent.scaled_sum(sam_grads, -alpha, orthogonal)
+  def rule(grads, state, ascent, *, rho):
+    sam_grads = ascent.gradient_at(ascent.normalized(grads), rho)
+    orthogonal = _ascent.orthogonal_part(grads, sam_grads, ascent.eps, like=sam_grads)
+    return _ascent.scaled_sum(sam_grads, -alpha, orthogonal), state
 
-  return _ascent.surrogate_transformation(
+  return _ascent.transformation(
       "gsam", rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,
-      axis_name=axis_name, batch_splits=batch_splits,
-  batch_argnames=batch_argnames, sync_perturbation=sync_perturbation,
-  )
+      perturbation=perturbation, mask=mask, eps=eps)

@@ -11,7 +11,7 @@ import optax
 
 from sam_optax import _ascent
 from sam_optax.losses import TrajectoryTarget
-from sam_optax.saf import (TrajectorySchedule, example_mask_or_ones, find_state,
+from sam_optax._saf import (TrajectorySchedule, example_mask_or_ones, find_state,
                            make_schedule)
 
 

@@ -17,7 +17,8 @@ import optax
 
 from sam_optax import _ascent
 from sam_optax._ascent import Radius
-from sam_optax.sam import sam
+from sam_optax._parallel import axis_of
+from sam_optax._sam import sam
 
 
 class IntervalState(NamedTuple):
@@ -94,15 +95,17 @@ def every_k(
 
   On a skipped step the inner state is kept, except that its step counters
   (NamedTuple fields named ``count``) advance, so ρ schedules follow the
-  global step. With data parallelism the plain gradient of a skipped step is
-  averaged over the inner method's ``axis_name`` like the inner surrogate.
+  global step. With data parallelism pass the axis of the inner method's
+  ``perturbation`` as ``axis_name``: the plain gradient of a skipped step is
+  averaged over it like the inner surrogate, so every device applies the
+  same update.
 
   Args:
     inner: a method of this family (or any transform that maps a gradient to
       a surrogate gradient).
     k: the interval, an int ≥ 1 (``k=1`` is ``inner`` itself).
-    axis_name: the data-parallel axis the inner method averages over; by
-      default the one ``inner`` was built with.
+    axis_name: the data-parallel axis the inner method averages over (the
+      ``axis_name`` of its ``perturbation``), or None without one.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with an
@@ -121,7 +124,7 @@ def every_k(
   """
   method = "every_k"
   inner = _ascent.check_inner(method, inner)
-  axis_name = _ascent.wrapper_axis(method, inner, axis_name)
+  _ascent.check_axis_name(method, axis_name)
   _ascent.check_int("k", k, 1, method)
 
   def init(params):
@@ -134,7 +137,6 @@ def every_k(
     return new_updates, IntervalState(
         count=optax.safe_increment(state.count), inner=inner_state)
 
-  update.axis_name = axis_name
   return optax.GradientTransformationExtraArgs(init, update)
 
 
@@ -167,8 +169,8 @@ def with_probability(
     inner: a method of this family.
     p: the probability in [0, 1] of the inner step, or an optax schedule.
     seed: the seed of the draws.
-    axis_name: the data-parallel axis the inner method averages over; by
-      default the one ``inner`` was built with.
+    axis_name: the data-parallel axis the inner method averages over (the
+      ``axis_name`` of its ``perturbation``), or None without one.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
@@ -188,7 +190,7 @@ def with_probability(
   """
   method = "with_probability"
   inner = _ascent.check_inner(method, inner)
-  axis_name = _ascent.wrapper_axis(method, inner, axis_name)
+  _ascent.check_axis_name(method, axis_name)
   if callable(p):
     _ascent.check_radius("p", p, method)
   else:
@@ -209,7 +211,6 @@ def with_probability(
     return new_updates, StochasticState(
         count=optax.safe_increment(state.count), key=state.key, inner=inner_state)
 
-  update.axis_name = axis_name
   return optax.GradientTransformationExtraArgs(init, update)
 
 
@@ -225,7 +226,8 @@ def interval_sam(
     >>> import optax, sam_optax
     >>> tx = optax.chain(sam_optax.interval_sam(0.05, k=5), optax.sgd(0.1))
   """
-  return every_k(sam(rho, **sam_kwargs), k)
+  return every_k(sam(rho, **sam_kwargs), k,
+                 axis_name=axis_of(sam_kwargs.get("perturbation")))
 
 
 def stochastic_sam(
@@ -242,5 +244,6 @@ def stochastic_sam(
     >>> import optax, sam_optax
     >>> tx = optax.chain(sam_optax.stochastic_sam(0.05, p=0.5), optax.sgd(0.1))
   """
-  return with_probability(sam(rho, **sam_kwargs), p, seed=seed)
+  return with_probability(sam(rho, **sam_kwargs), p, seed=seed,
+                          axis_name=axis_of(sam_kwargs.get("perturbation")))
 

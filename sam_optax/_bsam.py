@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import optax
 
 from sam_optax import _ascent
-from sam_optax._ascent import LossFn, Radius
+from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax._parallel import Perturbation
 
 
 def bsam(
@@ -16,10 +15,8 @@ def bsam(
     *,
     loss_fn: LossFn | None = None,
     has_aux: bool = False,
-    axis_name: str | None = None,
-    batch_splits: int | None = None,
-    batch_argnames: Sequence[str] = ("batch",),
-    sync_perturbation: bool = False,
+    perturbation: Perturbation | None = None,
+    mask: Mask | None = None,
     eps: float = _ascent.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Bilateral SAM (Deng et al., 2024, arXiv:2409.13173; code ajiaaa/BSAM).
@@ -45,7 +42,7 @@ def bsam(
     rho_max: ρ_max ≥ 0, the radius of the ascent (max-sharpness) step.
     rho_min: ρ_min ≥ 0, the radius of the descent (min-sharpness) step, a
       float or a schedule.
-    loss_fn, has_aux, axis_name, batch_splits, batch_argnames, sync_perturbation, eps:
+    loss_fn, has_aux, perturbation, mask, eps:
       see :func:`sam_optax.sam`.
 
   Returns:
@@ -66,22 +63,17 @@ def bsam(
     >>> grads = jax.grad(loss_fn)(params, x=jnp.arange(4.0))
     >>> updates, state = tx.update(grads, state, params, x=jnp.arange(4.0))
   """
-  _ascent.check_positive("eps", eps, "bsam")
-
-  def rule(grads, params, gradient_at, *, rho_max, rho_min):
-    direction = _ascent.normalized(grads, eps)
-    max_grads = gradient_at(_ascent.ascent_point(params, direction, rho_max))
+  def rule(grads, state, ascent, *, rho_max, rho_min):
+    direction = ascent.normalized(grads)
+    max_grads = ascent.gradient_at(direction, rho_max)
     # The min pass starts once g_max is computed: run together, the two passes
     # would hold both passes' activations at once (see benchmarks/RESULTS.md).
-    min_direction = _ascent.sequenced(direction, max_grads)
-    min_grads = gradient_at(_ascent.ascent_point(params, min_direction, -rho_min))
-    ratio = _ascent.global_norm(max_grads) / (_ascent.global_norm(min_grads) + eps)
+    min_grads = ascent.gradient_at(_ascent.sequenced(direction, max_grads), -rho_min)
+    ratio = _ascent.divide_by_norm(_ascent.global_norm(max_grads), min_grads, ascent.eps)
     flatness = _ascent.scaled_sum(grads, -ratio, min_grads, like=max_grads)
-    return _ascent.scaled_sum(max_grads, 1.0, flatness)
+    return _ascent.scaled_sum(max_grads, 1.0, flatness), state
 
-  return _ascent.surrogate_transformation(
+  return _ascent.transformation(
       "bsam", rule, radii={"rho_max": rho_max, "rho_min": rho_min},
-      loss_fn=loss_fn, has_aux=has_aux, axis_name=axis_name,
-      batch_splits=batch_splits, batch_argnames=batch_argnames,
-      sync_perturbation=sync_perturbation,
-  )
+      loss_fn=loss_fn, has_aux=has_aux, perturbation=perturbation, mask=mask,
+      eps=eps)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _ascent, losses
-from sam_optax._ascent import Radius
+from sam_optax._ascent import Mask, Radius
+from sam_optax._parallel import Perturbation
 
 
 def csam(
@@ -20,10 +21,8 @@ def csam(
     logits_fn: Callable[..., Any],
     normalize: bool = True,
     has_aux: bool = False,
-    axis_name: str | None = None,
-    batch_splits: int | None = None,
-    batch_argnames: Sequence[str] = ("batch",),
-    sync_perturbation: bool = False,
+    perturbation: Perturbation | None = None,
+    mask: Mask | None = None,
     eps: float = _ascent.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Calibrated SAM (arXiv:2505.23866, ICLR 2026).
@@ -49,7 +48,7 @@ def csam(
       ``has_aux=True`` it returns ``((logits, labels), aux)``. The incoming
       gradient must be that of the mean cross-entropy of these logits.
     normalize: SAM's normalized ascent (True) or USAM's ``w + ρ g``.
-    has_aux, axis_name, batch_splits, batch_argnames, sync_perturbation, eps:
+    has_aux, perturbation, mask, eps:
       see :func:`sam_optax.sam`.
 
   Returns:
@@ -79,7 +78,6 @@ def csam(
   """
   _ascent.check_callable("logits_fn", logits_fn, "csam", required=True)
   _ascent.check_in_range("gamma", gamma, 0.0, 2.0, "csam")
-  _ascent.check_positive("eps", eps, "csam")
 
   def logits_and_labels(params, **kwargs):
     out = logits_fn(params, **kwargs)
@@ -102,19 +100,19 @@ def csam(
         jnp.asarray(logits, jnp.float32), labels).mean()
 
   def gradient_of(loss):
-    def factory(extra_args: Mapping[str, Any]):
+    def factory(params, extra_args: Mapping[str, Any]):
+      del params
       arguments = _ascent.loss_arguments("csam", "logits_fn", logits_fn, extra_args)
       return lambda point: jax.grad(loss)(point, **arguments)
     return factory
 
-  def rule(grads, params, gradient_at, *, rho):
-    return _ascent.sam_gradient(grads, params, gradient_at, rho,
-                                normalize=normalize, eps=eps)
+  def rule(grads, state, ascent, *, rho):
+    direction = ascent.normalized(grads) if normalize else grads
+    return ascent.gradient_at(direction, rho), state
 
-  return _ascent.surrogate_transformation(
+  return _ascent.transformation(
       "csam", rule, radii={"rho": rho}, loss_fn=None, has_aux=has_aux,
-      axis_name=axis_name, batch_splits=batch_splits,
-      batch_argnames=batch_argnames, sync_perturbation=sync_perturbation,
-      gradient_fn_factory=gradient_of(calibrated_loss),
-      ascent_gradient_fn_factory=gradient_of(cross_entropy),
+      perturbation=perturbation, mask=mask, eps=eps,
+      gradient_factory=gradient_of(calibrated_loss),
+      ascent_gradient_factory=gradient_of(cross_entropy),
   )

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _ascent
-from sam_optax._ascent import LossFn, Radius
+from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax._parallel import Perturbation
 
 
 class ESAMState(NamedTuple):
@@ -19,8 +20,9 @@ class ESAMState(NamedTuple):
 
   Attributes:
     count: steps taken.
-    key: the raw ``uint32[2]`` PRNG key; step ``t`` draws its tensor mask
-      from ``jax.random.fold_in(key, t)`` (see :func:`keep_mask`).
+    key: the raw ``uint32[2]`` PRNG key. Step ``t`` keeps leaf ``j`` (in
+      ``jax.tree.leaves`` order) iff ``jax.random.bernoulli(
+      jax.random.split(jax.random.fold_in(key, t), n_leaves)[j], beta)``.
   """
 
   count: jax.Array
@@ -49,7 +51,8 @@ def esam(
     has_aux: bool = False,
     batch_argnames: Sequence[str] = ("batch",),
     seed: int = 0,
-    axis_name: str | None = None,
+    perturbation: Perturbation | None = None,
+    mask: Mask | None = None,
     eps: float = _ascent.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Efficient SAM (Du et al., ICLR 2022, arXiv:2110.03141).
@@ -97,9 +100,17 @@ def esam(
   the first backward) does not apply here: the training step computes the
   whole gradient, so SWP changes the perturbation only.
 
-  With ``axis_name`` each device perturbs with its own gradient (the mask is
-  the same on every device: the key is replicated) and selects among its
-  own examples; the surrogate gradient is averaged across the axis.
+  Data parallelism (``perturbation=``): with ``sam_optax.PerDevice`` each
+  device perturbs with its own gradient (the tensor mask is the same on
+  every device: the key is replicated) and selects among its own examples;
+  the surrogate gradient is averaged across the axis. With
+  ``sam_optax.Synced`` the perturbation is the averaged gradient's, the
+  selection still per device (among its own examples), and the selected
+  gradients are averaged. With ``sam_optax.Splits(n)`` each group of
+  ``B / n`` examples perturbs with its own gradient and selects
+  ``⌈γ B / n⌉`` of its examples (``per_example_losses`` is split with the
+  batch). A ``mask`` (``m``) restricts SWP further:
+  ``ε = (ρ/β) (m ⊙ m_{SWP} ⊙ g) / (‖m ⊙ m_{SWP} ⊙ g‖ + δ)``.
 
   Args:
     rho: ρ ≥ 0 (0.05 ResNet-18, 0.1 WRN), a float or an optax schedule.
@@ -108,10 +119,10 @@ def esam(
     loss_fn: ``loss_fn(params, **extra_args) -> [B]`` per-example losses. If
       None, ``update`` takes it as the keyword ``loss_fn``.
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
-    batch_argnames: the extra arguments that hold the batch (axis 0).
+    batch_argnames: the extra arguments that hold the batch (axis 0), gathered
+      to the selected examples.
     seed: the seed of the tensor masks.
-    axis_name: the data-parallel axis to average the surrogate gradient over.
-    eps: δ, added to the norm.
+    perturbation, mask, eps: see :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with an :class:`ESAMState`;
@@ -142,60 +153,71 @@ def esam(
     True
   """
   method = "esam"
-  _ascent.check_radius("rho", rho, method)
   for name, value in (("beta", beta), ("gamma", gamma)):
     if not isinstance(value, (int, float)) or not 0 < value <= 1:
       raise ValueError(f"{method}: {name} must be in (0, 1], got {name}={value!r}.")
-  _ascent.check_callable("loss_fn", loss_fn, method)
-  _ascent.check_positive("eps", eps, method)
   if isinstance(batch_argnames, str) or not batch_argnames:
     raise TypeError(
         f"{method}: batch_argnames must be a non-empty sequence of names of"
         f" update()'s extra arguments, got {batch_argnames!r}.")
   if isinstance(seed, bool) or not isinstance(seed, int):
     raise TypeError(f"{method}: seed must be an int, got {seed!r}.")
-  if axis_name is not None and not isinstance(axis_name, str):
-    raise TypeError(f"{method}: axis_name must be a string or None, got {axis_name!r}.")
 
   def init(params: optax.Params) -> ESAMState:
     del params
     return ESAMState(count=jnp.zeros([], jnp.int32),
                      key=jax.random.key_data(jax.random.key(seed)))
 
-  def update(updates, state, params=None, *, per_example_losses=None, **extra_args):
-    _ascent.check_update_inputs(method, updates, params)
-    fn = _ascent.resolve_loss_fn(method, loss_fn, extra_args)
-    arguments = _ascent.loss_arguments(method, "loss_fn", fn, extra_args)
-    losses_at = _per_example(fn, has_aux)
+  def losses_and_arguments(extra_args):
+    """The per-example loss, its bound arguments and ``per_example_losses``."""
+    arguments = dict(extra_args)
+    given = arguments.pop("per_example_losses", None)
+    fn = _ascent.resolve_loss_fn(method, loss_fn, arguments)
+    arguments = _ascent.loss_arguments(method, "loss_fn", fn, arguments)
+    return _per_example(fn, has_aux), arguments, given
 
+  def mean_loss_gradient(params, extra_args):
+    del params
+    losses_at, arguments, _ = losses_and_arguments(extra_args)
+    return jax.grad(lambda p: jnp.mean(losses_at(p, **arguments)))
+
+  def selected_gradient(params, extra_args):
+    """SDS: ``ŵ ↦ ∇`` of the mean loss of the sharpest ``⌈γB⌉`` examples."""
+    losses_at, arguments, before = losses_and_arguments(extra_args)
+
+    def gradient_at(point):
+      after = losses_at(point, **arguments)
+      batch = after.shape[0]
+      count = min(batch, math.ceil(round(gamma * batch, 9)))
+      selected_arguments = arguments
+      if count < batch:
+        if before is None:
+          at_params = losses_at(params, **arguments)
+        else:
+          at_params = jnp.asarray(before)
+          if at_params.shape != after.shape:
+            raise ValueError(
+                f"{method}: per_example_losses must have the shape [B] ="
+                f" {after.shape} of loss_fn's output, got {at_params.shape}.")
+        sharpness = jax.lax.stop_gradient(after - at_params.astype(after.dtype))
+        _, selected = jax.lax.top_k(sharpness, count)
+        selected_arguments = _select(method, arguments, batch_argnames, selected, batch)
+      return jax.grad(lambda p: jnp.mean(losses_at(p, **selected_arguments)))(point)
+
+    return gradient_at
+
+  def rule(grads, state, ascent, *, rho):
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
-    kept = keep_mask(step_key, updates, beta)
-    masked = jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)), updates, kept)
-    radius = _ascent.radius_at(rho, state.count) / beta
-    point = _ascent.ascent_point(params, _ascent.normalized(masked, eps), radius)
+    kept = keep_mask(step_key, grads, beta)
+    swp = jax.tree.map(lambda g, m: jnp.where(m, g, jnp.zeros_like(g)), grads, kept)
+    return ascent.gradient_at(ascent.normalized(swp), rho / beta), state
 
-    after = losses_at(point, **arguments)
-    batch = after.shape[0]
-    count = min(batch, math.ceil(round(gamma * batch, 9)))
-    if count < batch:
-      if per_example_losses is None:
-        before = losses_at(params, **arguments)
-      else:
-        before = jnp.asarray(per_example_losses)
-        if before.shape != after.shape:
-          raise ValueError(
-              f"{method}: per_example_losses must have the shape [B] ="
-              f" {after.shape} of loss_fn's output, got {before.shape}.")
-      sharpness = jax.lax.stop_gradient(after - before.astype(after.dtype))
-      _, selected = jax.lax.top_k(sharpness, count)
-      arguments = _select(method, arguments, batch_argnames, selected, batch)
-
-    grads = jax.grad(lambda p: jnp.mean(losses_at(p, **arguments)))(point)
-    surrogate = _ascent.mean_over_axis(_ascent.cast_like(grads, updates), axis_name)
-    return surrogate, ESAMState(count=optax.safe_increment(state.count), key=state.key)
-
-  update.axis_name = axis_name
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _ascent.transformation(
+      method, rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,
+      perturbation=perturbation, mask=mask, eps=eps, init=init,
+      gradient_factory=selected_gradient,
+      ascent_gradient_factory=mean_loss_gradient,
+      split_argnames=("per_example_losses",))
 
 
 def _per_example(loss_fn: LossFn, has_aux: bool) -> Callable[..., jax.Array]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _ascent
-from sam_optax._ascent import LossFn, Radius
+from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax._parallel import Perturbation
 
 
 def not_a_bias(params: optax.Params) -> Any:
@@ -35,10 +36,8 @@ def asam(
     loss_fn: LossFn | None = None,
     adaptive_mask: Any | Callable[[optax.Params], Any] = not_a_bias,
     has_aux: bool = False,
-    axis_name: str | None = None,
-    batch_splits: int | None = None,
-    batch_argnames: Sequence[str] = ("batch",),
-    sync_perturbation: bool = False,
+    perturbation: Perturbation | None = None,
+    mask: Mask | None = None,
     eps: float = _ascent.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM (Kwon et al., ICML 2021, arXiv:2102.11600).
@@ -46,6 +45,8 @@ def asam(
   .. math::
 
     T_w = |w| + η, \qquad ε = ρ · T_w^2 g / (‖T_w g‖ + δ), \qquad g̃ = ∇L(w + ε).
+
+  With ``mask`` (``m``): ``ε = ρ · T_w (m ⊙ T_w g) / (‖m ⊙ T_w g‖ + δ)``.
 
   The scale operator makes the neighbourhood scale-invariant. Following the
   authors' code, ``T_w = 1`` on biases (``adaptive_mask=not_a_bias``); pass
@@ -59,7 +60,7 @@ def asam(
     loss_fn: see :func:`sam_optax.sam`.
     adaptive_mask: a pytree of bools like the params (True: ``T = |w| + η``,
       False: ``T = 1``) or a function of the params that returns one.
-    has_aux, axis_name, batch_splits, batch_argnames, sync_perturbation, eps:
+    has_aux, perturbation, mask, eps:
       see :func:`sam_optax.sam`.
 
   Returns:
@@ -83,22 +84,20 @@ def asam(
     (3,)
   """
   _ascent.check_non_negative("eta", eta, "asam")
-  _ascent.check_positive("eps", eps, "asam")
 
-  def rule(grads, params, gradient_at, *, rho):
-    mask = adaptive_mask(params) if callable(adaptive_mask) else adaptive_mask
+  def rule(grads, state, ascent, *, rho):
+    adaptive = adaptive_mask(ascent.params) if callable(adaptive_mask) else adaptive_mask
     scale = jax.tree.map(
         lambda w, scaled: (jnp.abs(jnp.asarray(w, jnp.float32)) + eta)
         if scaled else jnp.ones([], jnp.float32),
-        params, mask,
+        ascent.params, adaptive,
     )
-    scaled_grads = jax.tree.map(lambda t, g: t * jnp.asarray(g, jnp.float32), scale, grads)
+    scaled_grads = ascent.restrict(jax.tree.map(
+        lambda t, g: t * jnp.asarray(g, jnp.float32), scale, grads))
     epsilon = jax.tree.map(lambda t, tg: t * tg, scale, scaled_grads)
-    step = rho / (_ascent.global_norm(scaled_grads) + eps)
-    return gradient_at(_ascent.ascent_point(params, epsilon, step))
+    step = _ascent.divide_by_norm(rho, scaled_grads, ascent.eps)
+    return ascent.gradient_at(epsilon, step), state
 
-  return _ascent.surrogate_transformation(
+  return _ascent.transformation(
       "asam", rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,
-      axis_name=axis_name, batch_splits=batch_splits,
-  batch_argnames=batch_argnames, sync_perturbation=sync_perturbation,
-  )
+      perturbation=perturbation, mask=mask, eps=eps)

@@ -2,32 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from sam_optax import _ascent
-from sam_optax._ascent import LossFn, Radius
-from sam_optax.sam import sam
+from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax._parallel import Perturbation
 
 
 class LookSAMState(NamedTuple):
   """State of :func:`looksam`.
 
   Attributes:
-    count: steps taken.
+    count: steps taken; the argument of the ρ schedule.
     orthogonal: ``g_v``, the component of the last SAM gradient orthogonal to
       the clean gradient of that step (zeros before step 0).
-    inner: the state of the SAM step (its count drives ρ schedules; it
-      advances every step).
   """
 
   count: jax.Array
   orthogonal: optax.Updates
-  inner: Any
 
 
 def looksam(
@@ -37,10 +33,8 @@ def looksam(
     *,
     loss_fn: LossFn | None = None,
     has_aux: bool = False,
-    axis_name: str | None = None,
-    batch_splits: int | None = None,
-    batch_argnames: Sequence[str] = ("batch",),
-    sync_perturbation: bool = False,
+    perturbation: Perturbation | None = None,
+    mask: Mask | None = None,
     eps: float = _ascent.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LookSAM (Liu et al., CVPR 2022, arXiv:2203.02714).
@@ -67,11 +61,12 @@ def looksam(
   whole parameter pytree), as in the paper's formula; there is no official
   code and some ports decompose per tensor.
 
-  With ``axis_name`` the SAM gradient is that of :func:`sam_optax.sam` with
-  the same options (per-device ascent by default, ``sync_perturbation``,
-  ``batch_splits``), and ``g`` in the formulas is the gradient averaged over
-  the axis, so ``g_v`` is the same on every device and the state stays
-  replicated.
+  Under a data-parallel option (``perturbation=``) the SAM gradient is that
+  of :func:`sam_optax.sam` with the same option (per device, synchronized,
+  per group of examples) averaged over the groups, and ``g`` in the formulas
+  is the gradient averaged over them too, so ``g_v`` is the same on every
+  device and the state stays replicated. A ``mask`` restricts the ascent;
+  the decomposition sees every leaf.
 
   .. note::
     The SAM step runs inside a ``lax.cond``, which is slow for convolutions
@@ -81,8 +76,7 @@ def looksam(
     rho: ρ ≥ 0, a float or an optax schedule (of the global step).
     k: the interval of the SAM steps, an int ≥ 1 (5 or 10 in the paper).
     alpha: α ≥ 0, the weight of the reused component (0.7).
-    loss_fn, has_aux, axis_name, batch_splits, batch_argnames,
-      sync_perturbation, eps: see :func:`sam_optax.sam`.
+    loss_fn, has_aux, perturbation, mask, eps: see :func:`sam_optax.sam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
@@ -110,39 +104,32 @@ def looksam(
   method = "looksam"
   _ascent.check_int("k", k, 1, method)
   _ascent.check_non_negative("alpha", alpha, method)
-  _ascent.check_positive("eps", eps, method)
-  inner = sam(rho, loss_fn=loss_fn, has_aux=has_aux, axis_name=axis_name,
-              batch_splits=batch_splits, batch_argnames=batch_argnames,
-              sync_perturbation=sync_perturbation, eps=eps)
 
   def init(params: optax.Params) -> LookSAMState:
-    return LookSAMState(
-        count=jnp.zeros([], jnp.int32),
-        orthogonal=jax.tree.map(jnp.zeros_like, params),
-        inner=inner.init(params),
-    )
+    return LookSAMState(count=jnp.zeros([], jnp.int32),
+                        orthogonal=jax.tree.map(jnp.zeros_like, params))
 
-  def update(updates, state, params=None, **extra_args):
-    _ascent.check_update_inputs(method, updates, params)
-    grads = _ascent.mean_over_axis(updates, axis_name)
+  def rule(grads, state, ascent, *, rho):
+    # ``grads`` and ``sam_grads`` are per group (device, split); the surrogate
+    # returned is too, and the skeleton averages it. What enters the state is
+    # built from the averages ``g`` and ``g̃``, the same in every group.
+    mean_grads = ascent.mean(grads)
 
     def sam_step():
-      sam_grads, inner_state = inner.update(updates, state.inner, params, **extra_args)
-      projection = _ascent.vdot(sam_grads, grads) / (_ascent.global_norm(grads) ** 2 + eps)
-      orthogonal = _ascent.scaled_sum(sam_grads, -projection, grads)
-      return (_ascent.cast_like(sam_grads, updates),
-              _ascent.cast_like(orthogonal, state.orthogonal), inner_state)
+      sam_grads = _ascent.cast_like(
+          ascent.gradient_at(ascent.normalized(grads), rho), grads)
+      orthogonal = _ascent.orthogonal_part(
+          ascent.mean(sam_grads), mean_grads, ascent.eps, like=state.orthogonal)
+      return sam_grads, orthogonal
 
     def reuse_step():
-      scale = alpha * _ascent.global_norm(grads) / (
-          _ascent.global_norm(state.orthogonal) + eps)
-      return (_ascent.scaled_sum(grads, scale, state.orthogonal, like=updates),
-              state.orthogonal, _ascent.advance_counts(state.inner))
+      scale = alpha * _ascent.divide_by_norm(
+          _ascent.global_norm(mean_grads), state.orthogonal, ascent.eps)
+      return _ascent.scaled_sum(grads, scale, state.orthogonal), state.orthogonal
 
-    surrogate, orthogonal, inner_state = _ascent.cond(state.count % k == 0, sam_step, reuse_step)
-    return surrogate, LookSAMState(
-        count=optax.safe_increment(state.count), orthogonal=orthogonal,
-        inner=inner_state)
+    surrogate, orthogonal = _ascent.cond(state.count % k == 0, sam_step, reuse_step)
+    return surrogate, state._replace(orthogonal=orthogonal)
 
-  update.axis_name = axis_name
-  return optax.GradientTransformationExtraArgs(init, update)
+  return _ascent.transformation(
+      method, rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,
+      perturbation=perturbation, mask=mask, eps=eps, init=init)
