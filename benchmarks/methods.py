@@ -17,9 +17,11 @@ With ``axis_name`` (the device-scaling study) the step runs inside
 SGD averages its gradient across the axis, the SAM methods perturb with the
 local gradient and average their surrogate gradient once (m-sharpness).
 
-The methods of sam_optax that another module may not have yet (SAF, MESA,
-LookSAM, interval and stochastic SAM, ESAM) enter the table only when
-``hasattr(sam_optax, name)``.
+The rows of sam_optax's methods come from the one registry,
+:mod:`experiments.methods` (constructor, hyperparameter defaults, cost), so a
+method added there is benchmarked too; this module adds only what a
+measurement needs (:data:`SETTINGS`: a hyperparameter fixed for the
+benchmark, phases of a conditional step, a note).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import optax
 import sam_optax
 from sam_optax._ascent import mean_over_axis
 from benchmarks.tasks import Batch, Task
+from experiments import methods as registry
 
 LEARNING_RATE = 0.01
 MOMENTUM = 0.9
@@ -243,63 +246,6 @@ def contrib_sam_transparent(task: Task, axis_name: str | None = None) -> Program
   return Program(_initial_state(task, tx), step, calls_per_step=2)
 
 
-# --------------------------------------------------------------------------
-# The methods of sam_optax.
-# --------------------------------------------------------------------------
-
-
-def _per_device(axis_name: str | None) -> sam_optax.PerDevice | None:
-  return None if axis_name is None else sam_optax.PerDevice(axis_name)
-
-
-def _loss_kwargs(task: Task, axis_name: str | None) -> dict[str, Any]:
-  return {"loss_fn": task.loss_fn, "has_aux": True, "perturbation": _per_device(axis_name)}
-
-
-def _sam(task, axis_name):
-  return sam_optax.sam(RHO, **_loss_kwargs(task, axis_name))
-
-
-def _usam(task, axis_name):
-  return sam_optax.usam(RHO, **_loss_kwargs(task, axis_name))
-
-
-def _asam(task, axis_name):
-  return sam_optax.asam(0.5, **_loss_kwargs(task, axis_name))
-
-
-def _gsam(task, axis_name):
-  return sam_optax.gsam(RHO, alpha=0.1, **_loss_kwargs(task, axis_name))
-
-
-def _bsam(task, axis_name):
-  return sam_optax.bsam(RHO, RHO, **_loss_kwargs(task, axis_name))
-
-
-def _csam(task, axis_name):
-  return sam_optax.csam(RHO, gamma=1.0, logits_fn=task.logits_fn,
-                        perturbation=_per_device(axis_name))
-
-
-def _stable(inner):
-  def make(task, axis_name):
-    return sam_optax.stable_sam(inner(task, axis_name), axis_name=axis_name)
-  return make
-
-
-CORE_METHODS: tuple[Method, ...] = (
-    Method("sgd", "baseline", sgd, 1, sharded=True),
-    Method("sam", "sam_optax", chained(_sam), 2, sharded=True),
-    Method("usam", "sam_optax", chained(_usam), 2),
-    Method("asam", "sam_optax", chained(_asam), 2),
-    Method("gsam", "sam_optax", chained(_gsam), 2),
-    Method("bsam", "sam_optax", chained(_bsam), 3),
-    Method("csam", "sam_optax", chained(_csam), 2,
-           note="descent gradient of the calibrated loss"),
-    Method("stable_sam(sam)", "sam_optax", chained(_stable(_sam)), 2),
-    Method("stable_sam(usam)", "sam_optax", chained(_stable(_usam)), 2),
-)
-
 ALTERNATIVES: tuple[Method, ...] = (
     Method("hand-written fused SAM", "alternative", fused_sam, 2,
            note="plain JAX, both passes in one jitted function"),
@@ -319,17 +265,13 @@ def _steps_per_epoch(task: Task) -> int:
   return -(-task.num_examples // task.batch["y"].shape[0])
 
 
-def saf_program(task: Task, axis_name: str | None = None) -> Program:
+def saf_program(task: Task, tx: optax.GradientTransformation,
+                axis_name: str | None = None) -> Program:
   """SAF's step (its docstring's): one forward + backward, the KL in the loss.
 
   ``saf_target`` reads the bank before the forward pass; the trajectory loss
-  joins the task loss; ``update`` stores this step's logits. The bank holds
-  ``Ẽ + 1 = 4`` epochs of logits of ``task.num_examples`` examples.
+  joins the task loss; ``update`` stores this step's logits.
   """
-  tx = optax.chain(
-      sam_optax.saf(task.num_examples, task.num_classes, _steps_per_epoch(task),
-                    axis_name=axis_name),
-      base_optimizer())
 
   def step(state, batch):
     params, batch_stats, opt_state = state
@@ -354,22 +296,20 @@ def _with_trajectory_loss(task: Task, target: Any):
   return jax.value_and_grad(loss_fn, has_aux=True)
 
 
-def mesa_program(task: Task, axis_name: str | None = None) -> Program:
+def mesa_program(task: Task, tx: optax.GradientTransformation,
+                 axis_name: str | None = None) -> Program:
   """MESA's step (its docstring's): SAF's, the target from the EMA model.
 
   The EMA weights (and BatchNorm statistics) run one forward in evaluation
   mode, without gradient. The loss is on from the second step
-  (``steps_per_epoch=1, start_epoch=0``), so every timed step pays the EMA
-  forward that ``mesa_target`` skips with a ``lax.cond`` while it is off.
+  (``steps_per_epoch=1, start_epoch=0``, :data:`SETTINGS`), so every timed
+  step pays the EMA forward that ``mesa_target`` skips while it is off.
   """
-  model_state = task.batch_stats if task.has_batch_stats else None
-  tx = optax.chain(
-      sam_optax.mesa(steps_per_epoch=1, start_epoch=0, model_state=model_state),
-      base_optimizer())
+  tracked_stats = task.has_batch_stats
 
   def step(state, batch):
     params, batch_stats, opt_state = state
-    tracked = {} if model_state is None else {"model_state": batch_stats}
+    tracked = {"model_state": batch_stats} if tracked_stats else {}
 
     def teacher(ema_params, ema_stats=batch_stats):
       return task.forward(ema_params, ema_stats, batch["x"], train=False)[0]
@@ -384,17 +324,14 @@ def mesa_program(task: Task, axis_name: str | None = None) -> Program:
   return Program(_initial_state(task, tx), step)
 
 
-def esam_program(task: Task, axis_name: str | None = None) -> Program:
+def esam_program(task: Task, tx: optax.GradientTransformation,
+                 axis_name: str | None = None) -> Program:
   """ESAM's step (its docstring's): per-example losses, passed to ``update``.
 
   The training step's forward gives ``ℓ_i(w)`` (``per_example_losses``), so
   ``update`` runs one forward at ``w + ε`` and one forward and backward on
   the ``⌈γB⌉`` examples of highest sharpness.
   """
-  tx = optax.chain(
-      sam_optax.esam(RHO, beta=0.5, gamma=ESAM_GAMMA, loss_fn=task.per_example_loss_fn,
-                     has_aux=True, perturbation=_per_device(axis_name)),
-      base_optimizer())
 
   def mean_loss(params, batch, batch_stats):
     losses, aux = task.per_example_loss_fn(params, batch, batch_stats)
@@ -411,58 +348,94 @@ def esam_program(task: Task, axis_name: str | None = None) -> Program:
   return Program(_initial_state(task, tx), step)
 
 
-def _looksam(task, axis_name):
-  return sam_optax.looksam(RHO, k=CYCLE, alpha=0.7, **_loss_kwargs(task, axis_name))
+def _standard_program(task, tx, axis_name=None):
+  return training_program(task, tx, axis_name, mean_gradient=False)
 
 
-def _interval_sam(task, axis_name):
-  return sam_optax.interval_sam(RHO, k=CYCLE, **_loss_kwargs(task, axis_name))
-
-
-def _stochastic_sam(task, axis_name):
-  return sam_optax.stochastic_sam(RHO, p=PROBABILITY, **_loss_kwargs(task, axis_name))
-
+# The step program of each kind of registry step (registry.Step.name).
+PROGRAMS = {"standard": _standard_program, "saf": saf_program, "mesa": mesa_program,
+            "esam": esam_program}
 
 # Phases of a method that takes its SAM step when ``count % k == 0``: the SAM
 # step (weight 1/k), XLA's count of the costliest branch, and the step after
 # 1 step (a cheap one, the k − 1 others are alike), its count folded.
 EVERY_K_PHASES = ((1 / CYCLE, None), (1 - 1 / CYCLE, 1))
 
+# What a measurement needs beyond the registry row, by registry name: rows
+# (label, hyperparameters fixed for the benchmark), other fields of
+# :class:`Method`, and the run's length as the method sees it. Every other
+# registry method is one row at its defaults.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "sam": {"sharded": True},
+    "looksam": {"phases": EVERY_K_PHASES, "rows": (("looksam", {"k": CYCLE}),),
+                "note": f"k = {CYCLE}, α = 0.7"},
+    "interval_sam": {"phases": EVERY_K_PHASES, "rows": (("interval_sam", {"k": CYCLE}),),
+                     "note": f"k = {CYCLE}"},
+    "stochastic_sam": {"branches_like": ("interval_sam", PROBABILITY),
+                       "rows": (("stochastic_sam", {"p": PROBABILITY}),),
+                       "note": f"p = {PROBABILITY}"},
+    "csam": {"note": "descent gradient of the calibrated loss"},
+    "stable_sam": {"rows": (("stable_sam(sam)", {"normalize": True}),
+                            ("stable_sam(usam)", {"normalize": False}))},
+    "esam": {"rows": (("esam", {"gamma": ESAM_GAMMA}),),
+             "note": f"β = 0.5, γ = {ESAM_GAMMA}: a forward at w + ε, a gradient on γB"
+                     " examples"},
+    "saf": {"rows": (("saf", {"start_epoch": 5}),),
+            "note": "KL to the logit bank joins the single backward pass"},
+    "mesa": {"rows": (("mesa", {"start_epoch": 0}),), "steps_per_epoch": 1,
+             "note": "plus one forward of the EMA weights (evaluation mode)"},
+}
 
-def optional_methods() -> tuple[Method, ...]:
-  """Rows for the efficient methods, for those sam_optax already has."""
+
+def _steps_per_epoch(task: Task) -> int:
+  return -(-task.num_examples // task.batch["y"].shape[0])
+
+
+def _context(task: Task, axis_name: str | None, steps_per_epoch: int | None):
+  """The registry's :class:`~experiments.methods.Context` for a benchmark task."""
+  return registry.Context(
+      loss_fn=task.loss_fn,
+      logits_fn=lambda *args, **kwargs: (task.logits_fn(*args, **kwargs), None),  # no aux
+      per_example_loss_fn=task.per_example_loss_fn,
+      lr_schedule=LEARNING_RATE, lr_max=LEARNING_RATE, lr_min=LEARNING_RATE,
+      steps_per_epoch=steps_per_epoch or _steps_per_epoch(task), num_epochs=1,
+      num_examples=task.num_examples, num_classes=task.num_classes,
+      model_state=task.batch_stats if task.has_batch_stats else None, axis_name=axis_name)
+
+
+def registry_program(method: registry.Method, hparams: dict[str, Any],
+                     steps_per_epoch: int | None = None) -> Callable[..., Program]:
+  """``build(task, axis_name) -> Program``: the registry's transform, then SGD."""
+
+  def build(task: Task, axis_name: str | None = None) -> Program:
+    context = _context(task, axis_name, steps_per_epoch)
+    tx = optax.chain(registry.build(method, context, hparams), base_optimizer())
+    return PROGRAMS[method.step.name](task, tx, axis_name)
+
+  return build
+
+
+def library_methods() -> tuple[Method, ...]:
+  """A row per method of the registry (and per setting of :data:`SETTINGS`)."""
   rows = []
-  if hasattr(sam_optax, "saf"):
-    rows.append(Method(
-        "saf", "sam_optax", saf_program, 1,
-        note="KL to the logit bank joins the single backward pass"))
-  if hasattr(sam_optax, "mesa"):
-    rows.append(Method(
-        "mesa", "sam_optax", mesa_program, 1, forwards=1,
-        note="plus one forward of the EMA weights (evaluation mode)"))
-  if hasattr(sam_optax, "looksam"):
-    rows.append(Method(
-        "looksam", "sam_optax", chained(_looksam), 1 + 1 / CYCLE, phases=EVERY_K_PHASES,
-        note=f"k = {CYCLE}, α = 0.7"))
-  if hasattr(sam_optax, "interval_sam"):
-    rows.append(Method(
-        "interval_sam", "sam_optax", chained(_interval_sam), 1 + 1 / CYCLE,
-        phases=EVERY_K_PHASES, note=f"k = {CYCLE}"))
-  if hasattr(sam_optax, "stochastic_sam"):
-    rows.append(Method(
-        "stochastic_sam", "sam_optax", chained(_stochastic_sam), 1 + PROBABILITY,
-        branches_like=("interval_sam", PROBABILITY),
-        note=f"p = {PROBABILITY}"))
-  if hasattr(sam_optax, "esam"):
-    rows.append(Method(
-        "esam", "sam_optax", esam_program, 1 + ESAM_GAMMA, forwards=1,
-        note=f"β = 0.5, γ = {ESAM_GAMMA}: a forward at w + ε, a gradient on γB examples"))
+  for method in registry.METHODS.values():
+    if method.transform is None:  # SGD: the baseline row
+      continue
+    settings = dict(SETTINGS.get(method.name, {}))
+    variants = settings.pop("rows", ((method.name, {}),))
+    steps_per_epoch = settings.pop("steps_per_epoch", None)
+    for label, fixed in variants:
+      hparams = registry.hparams_for(method.name, fixed)
+      rows.append(Method(label, "sam_optax",
+                         registry_program(method, hparams, steps_per_epoch),
+                         method.gradients_per_step(hparams), forwards=method.forwards,
+                         **settings))
   return tuple(rows)
 
 
 def method_table(names: list[str] | None = None) -> tuple[Method, ...]:
   """Every row, in table order; ``names`` selects some (``sgd`` is always in)."""
-  table = CORE_METHODS[:1] + ALTERNATIVES + CORE_METHODS[1:] + optional_methods()
+  table = (Method("sgd", "baseline", sgd, 1, sharded=True),) + ALTERNATIVES + library_methods()
   if names is None:
     return table
   known = {m.name: m for m in table}

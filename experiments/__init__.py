@@ -5,11 +5,15 @@ Layout (after the Flax examples):
 * :mod:`experiments.models` -- the networks (MLP/CNN for MNIST-1D, ResNet-18,
   WideResNet, ResNet-50, a small ViT) and :func:`~experiments.models.get_model`;
 * :mod:`experiments.input_pipeline` -- MNIST-1D in memory, TFDS CIFAR/ImageNet;
-* :mod:`experiments.methods` -- the method registry (name -> transform + step);
-* :mod:`experiments.train` -- ``train_and_evaluate(config, workdir)`` and the CLI;
+* :mod:`experiments.methods` -- the method registry (one row per library method);
+* :mod:`experiments.main` -- the command line (flags only);
+* :mod:`experiments.train` -- ``train_and_evaluate(config, workdir)`` and the step;
+* :mod:`experiments.evaluate`, :mod:`experiments.checkpoints`,
+  :mod:`experiments.placement` -- evaluation, checkpoints, devices;
 * :mod:`experiments.compare` -- the main job: every method, one table, plots;
 * :mod:`experiments.metrics`, :mod:`experiments.plots` -- evaluation and figures;
-* ``experiments/configs/*.py`` -- one ``get_config()`` per reproduced setting.
+* ``experiments/configs/*.py`` -- ``base.py`` and one ``get_config(arg)`` per
+  experiment overriding it (``FILE:tiny``: its seconds-long form).
 
 This package is not part of the installed library: run it from the
 repository root (``python -m experiments.compare``).

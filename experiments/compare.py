@@ -22,7 +22,6 @@ differs. The loop over methods only calls :func:`experiments.train.train_and_eva
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -35,7 +34,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from experiments import input_pipeline, methods, plots, train
+from experiments import checkpoints, input_pipeline, plots, train
+from experiments import main as cli
 
 _COLUMNS = [
     # (header, key in a row, format)
@@ -164,16 +164,22 @@ def machine_info() -> dict[str, Any]:
           "jax_device": str(jax.devices()[0].device_kind), "python": platform.python_version()}
 
 
-def compare(config, output_dir: str, *, methods_to_run: Sequence[str], seeds: Sequence[int],
-            resume: bool = False, progress: bool = True) -> dict[str, Any]:
-  """Trains every method (and seed), writes the table and the figures.
+def method_names(config) -> list[str]:
+  """``config.methods`` as a list: a tuple of names, or comma-separated names."""
+  names = config.methods if isinstance(config.methods, (tuple, list)) else (config.methods,)
+  return [n.strip() for item in names for n in item.split(",") if n.strip()]
+
+
+def compare(config, output_dir: str, *, resume: bool = False,
+            progress: bool = True) -> dict[str, Any]:
+  """Trains every method of ``config.methods`` with every seed of ``config.seeds``.
+
+  Writes the table and the figures to ``output_dir``.
 
   Args:
     config: the shared config; ``config.method`` and ``config.seed`` are set
       per run.
     output_dir: the folder for the results (created; must be writable).
-    methods_to_run: method names.
-    seeds: seeds; with several, the table shows mean ± std.
     resume: reuse finished runs and resume interrupted ones in ``output_dir``.
     progress: progress bars.
 
@@ -182,14 +188,15 @@ def compare(config, output_dir: str, *, methods_to_run: Sequence[str], seeds: Se
   """
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
 
-  for name in methods_to_run:
-    methods.get_method(name)
+  methods_to_run, seeds = method_names(config), list(config.seeds)
+  if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    raise checkpoints.UsageError(f"seeds must be integers, e.g. --config.seeds=0,1,2; got"
+                                 f" {config.seeds!r}.")
   config = config.copy_and_resolve_references()
-  config.seeds = tuple(seeds)
   for name in methods_to_run:  # every run checked before the first starts
     config.method = name
     train.validate_config(config)
-  output_dir = train.check_output_dir(output_dir)
+  output_dir = checkpoints.check_output_dir(output_dir)
   started = time.perf_counter()
   runs: dict[str, list[dict[str, Any]]] = {}
   pipelines: dict[int, Any] = {}  # one per seed, shared by the methods
@@ -207,8 +214,7 @@ def compare(config, output_dir: str, *, methods_to_run: Sequence[str], seeds: Se
           pipelines[seed] = input_pipeline.get_pipeline(run_config, jax.process_index(),
                                                         jax.process_count())
         result = train.train_and_evaluate(run_config, workdir, resume=resume, progress=progress,
-                                          pipeline=pipelines[seed])
-        result.pop("state", None)
+                                          pipeline=pipelines[seed]).report
       runs.setdefault(name, []).append(result)
       tqdm.write(f"{name:>10} seed {seed}: test acc {result['test']['accuracy']:.3f},"
                  f" NLL {result['test']['nll']:.3f}, ECE {result['test']['ece']:.3f},"
@@ -243,89 +249,35 @@ def compare(config, output_dir: str, *, methods_to_run: Sequence[str], seeds: Se
       "wall_time_s": wall_time,
       "figures": {k: os.path.basename(v) for k, v in figures.items()},
   }
-  train._write_json(os.path.join(output_dir, "results.json"), summary)  # pylint: disable=protected-access
+  checkpoints.write_json(os.path.join(output_dir, "results.json"), summary)
   with open(os.path.join(output_dir, "results.md.tmp"), "w", encoding="utf-8") as stream:
     stream.write(describe(config, rows, wall_time, machine))
   os.replace(os.path.join(output_dir, "results.md.tmp"), os.path.join(output_dir, "results.md"))
   return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="python -m experiments.compare",
-      description="Train every method on the same setting and write a comparison table\n"
-                  "(Markdown + JSON) and figures. With no argument: the default MNIST-1D\n"
-                  "comparison (a few minutes on 2 CPU cores, no download).",
-      epilog="examples:\n"
-             "  python -m experiments.compare                     # the default comparison\n"
-             "  python -m experiments.compare --methods sgd,sam --seeds 0 1 2\n"
-             "  python -m experiments.compare --smoke             # a 1-epoch check\n",
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", default=train.DEFAULT_CONFIG, metavar="FILE",
-                      help="Python config file with get_config() (default:"
-                           " experiments/configs/default.py)")
-  parser.add_argument("--methods", default=None, metavar="A,B,...",
-                      help="comma-separated methods (default: the config's methods); known: "
-                           + ", ".join(methods.METHODS))
-  parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N",
-                      help="seeds; with several the table shows mean ± std (default: the"
-                           " config's seed)")
-  parser.add_argument("--epochs", type=int, default=None, metavar="N", help="epochs (default: the config's)")
-  parser.add_argument("--label-noise", type=float, default=None, metavar="X",
-                      help="fraction of training labels flipped (default: the config's)")
-  parser.add_argument("--output-dir", default=None, metavar="DIR",
-                      help="results folder (default runs/compare-<date>-<time>)")
-  parser.add_argument("--resume", action="store_true",
-                      help="reuse the finished runs in --output-dir and resume the others")
-  parser.add_argument("--smoke", action="store_true",
-                      help="a quick check of the installation: SGD and SAM, 1 epoch, a"
-                           " smaller data set")
-  parser.add_argument("--set", dest="overrides", action="append", default=[],
-                      metavar="KEY=VALUE",
-                      help="any config value, e.g. --set hparams.sam.rho=0.1")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-  return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-
-  def body():
-    config = train.load_config(args.config)
-    if args.smoke:
-      for key, value in (("num_epochs", 1), ("hessian_iters", 3), ("hessian_examples", 200)):
-        train.set_dotted(config, key, value)
-      if config.dataset == "mnist1d":
-        train.set_dotted(config, "mnist1d.num_samples", 1000)
-    if args.epochs is not None:
-      train.set_dotted(config, "num_epochs", args.epochs)
-    if args.label_noise is not None:
-      train.set_dotted(config, "label_noise", args.label_noise)
-    for item in args.overrides:
-      if "=" not in item:
-        raise train.UsageError(f"--set expects KEY=VALUE, got {item!r}.")
-      key, value = item.split("=", 1)
-      train.set_dotted(config, key.strip(), value.strip())
-    if args.methods:
-      names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    elif args.smoke:
-      names = ["sgd", "sam"]
-    else:
-      names = list(config.get("methods", methods.METHODS))
-    seeds = args.seeds or [config.seed]
-    output_dir = args.output_dir or os.path.join(
+  """The main job; the flags are :mod:`experiments.main`'s (``--workdir``: the results)."""
+  argv = list(sys.argv if argv is None else argv)
+  try:
+    config, options = cli.parse(argv)
+    if any(arg.startswith("--config.method=") for arg in argv):
+      raise checkpoints.UsageError("experiments.compare trains every method of config.methods:"
+                                   " set --config.methods=NAME,... instead of --config.method.")
+    output_dir = options.workdir or os.path.join(
         "runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    summary = compare(config, output_dir, methods_to_run=names, seeds=seeds,
-                      resume=args.resume, progress=not args.no_progress)
-    output_dir = os.path.abspath(output_dir)
-    print()
-    print(markdown_table(summary["table"]))
-    print()
-    print(f"Finished in {summary['wall_time_s']:.0f} s. Results: {output_dir}")
-    for name in ("results.md", "results.json", *summary["figures"].values()):
-      print(f"  {os.path.join(output_dir, name)}")
-
-  return train.run_cli(argv, body)
+    summary = compare(config, output_dir, resume=options.resume, progress=options.progress)
+  except cli.ERRORS as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  output_dir = os.path.abspath(output_dir)
+  print()
+  print(markdown_table(summary["table"]))
+  print()
+  print(f"Finished in {summary['wall_time_s']:.0f} s. Results: {output_dir}")
+  for name in ("results.md", "results.json", *summary["figures"].values()):
+    print(f"  {os.path.join(output_dir, name)}")
+  return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ JAX). Every process
 1. calls :func:`initialize` (``jax.distributed.initialize``) before anything
    else touches a JAX device: with a coordinator address, the number of
    processes and its own id (:func:`process_spec`, from the flags
-   ``--coordinator-address / --num-processes / --process-id`` or the
+   ``--coordinator_address / --num_processes / --process_id`` or the
    environment variables ``JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
    JAX_PROCESS_ID``), or with no argument on a TPU pod, SLURM or another
    cluster that JAX detects (``--distributed``);
@@ -93,25 +93,25 @@ def process_spec(coordinator_address: str | None = None, num_processes: int | No
   count = num_processes if num_processes is not None else _env_int(environ, ENV_NUM_PROCESSES)
   index = process_id if process_id is not None else _env_int(environ, ENV_PROCESS_ID)
   if count is not None and count < 1:
-    raise ValueError(f"--num-processes must be >= 1, got {count}.")
+    raise ValueError(f"--num_processes must be >= 1, got {count}.")
   if index is not None and count is not None and not 0 <= index < count:
-    raise ValueError(f"--process-id {index} is out of range for --num-processes {count}:"
+    raise ValueError(f"--process_id {index} is out of range for --num_processes {count}:"
                      f" the ids are 0 ... {count - 1}.")
   if index is not None and index < 0:
-    raise ValueError(f"--process-id must be >= 0, got {index}.")
+    raise ValueError(f"--process_id must be >= 0, got {index}.")
   if address is not None and (":" not in address or not address.rsplit(":", 1)[1].isdigit()):
-    raise ValueError(f"--coordinator-address must be HOST:PORT (process 0's host), got"
+    raise ValueError(f"--coordinator_address must be HOST:PORT (process 0's host), got"
                      f" {address!r}.")
   if auto:
     return ProcessSpec(address, count, index, auto=True)
   if address is None and index is None and count in (None, 1):
     return None  # one process: nothing to start
-  missing = [flag for flag, value in (("--coordinator-address", address),
-                                      ("--num-processes", count), ("--process-id", index))
+  missing = [flag for flag, value in (("--coordinator_address", address),
+                                      ("--num_processes", count), ("--process_id", index))
              if value is None]
   if missing:
     raise ValueError(
-        f"several processes need --coordinator-address, --num-processes and --process-id"
+        f"several processes need --coordinator_address, --num_processes and --process_id"
         f" together (or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); missing"
         f" {', '.join(missing)}. On a TPU pod or a SLURM cluster pass --distributed instead.")
   return ProcessSpec(address, count, index)
@@ -134,10 +134,10 @@ def initialize(spec: ProcessSpec | None, timeout_s: int = 300) -> None:
   jax.distributed.initialize(spec.coordinator_address, spec.num_processes, spec.process_id,
                              initialization_timeout=timeout_s)
   if spec.num_processes is not None and jax.process_count() != spec.num_processes:
-    raise ValueError(f"--num-processes {spec.num_processes}, but JAX started"
+    raise ValueError(f"--num_processes {spec.num_processes}, but JAX started"
                      f" {jax.process_count()} processes.")
   if spec.process_id is not None and jax.process_index() != spec.process_id:
-    raise ValueError(f"--process-id {spec.process_id}, but JAX gave this process the id"
+    raise ValueError(f"--process_id {spec.process_id}, but JAX gave this process the id"
                      f" {jax.process_index()}.")
 
 

@@ -407,7 +407,7 @@ class TFDSPipeline:
           f"TFDS data set {self.name!r} (split {split!r}) is not prepared in {where}."
           f" This program never downloads: prepare it first, e.g. `tfds build"
           f" {self.name} --data_dir=DIR` (ImageNet needs the manual download),"
-          f" then pass --data-dir DIR. ({str(error).splitlines()[0]})"
+          f" then pass --config.data_dir=DIR. ({str(error).splitlines()[0]})"
       ) from None
 
   def _train_examples(self):

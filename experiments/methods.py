@@ -1,36 +1,40 @@
-"""The method registry: one place that maps a method's name to its training step.
+"""The method registry of the trainer, the comparison and the benchmarks.
 
-A :class:`Method` says how to build the transform chained before the base
-optimizer and what its training step needs:
+A method is one row: its name, the library constructor, a summary and its
+cost; the hyperparameters and their defaults are read from the constructor's
+signature (:func:`default_hparams`), so a method added to ``sam_optax`` is one
+:class:`Method` row here and is trained (``config.method``), compared
+(``config.methods``) and benchmarked (``benchmarks/``) with no other change.
 
-* every method of the SAM family re-evaluates the user's loss at perturbed
-  weights; it gets ``loss_fn(params, batch_stats, batch, rng) -> (loss,
-  (new_batch_stats, logits))`` with ``has_aux=True`` -- the library's
-  documented BatchNorm pattern: the user's own first pass updates the
-  BatchNorm statistics, the re-evaluations (in training mode, batch
-  statistics) drop theirs;
-* CSAM gets ``logits_fn(...) -> ((logits, labels), aux)`` instead;
-* SAF and MESA add a trajectory loss to the user's loss (one forward and one
-  backward pass): SAF reads its target from the logit bank in the optimizer
-  state by the batch's example indices and stores the step's logits; MESA's
-  target is one extra forward pass of its EMA weights in evaluation mode
-  (:attr:`Method.target`, :attr:`Method.update_args`). MESA is evaluated
-  with its EMA weights, as in the paper (:attr:`Method.eval_weights`).
+:func:`build` calls the constructor with the hyperparameters and the pieces
+of the training step it names (``loss_fn``, ``logits_fn``, the training set's
+size for SAF, the BatchNorm statistics for MESA, the run's seed) and with the
+data-parallel arguments of :class:`Context` -- the one place in
+``experiments/`` and ``benchmarks/`` that passes them to the library.
 
-m-sharpness: the methods that perturb the weights (:attr:`Method.perturbs`)
-are built with the context's ``batch_splits`` (a perturbation per group of
-``B / batch_splits`` examples of the step's batch; the trainer sets it to the
-device count for the SAM paper's per-device perturbation under a sharded
-``jax.jit``) and ``axis_name`` (for a ``pmap`` / ``shard_map`` step: average
-over that axis). SAF and MESA have no perturbation.
+How the training step feeds a method is its :class:`Step`:
 
-Hyperparameter defaults are the papers' (METHODS.md); a config overrides them
-in ``config.hparams.<method>``.
+* :data:`STANDARD` (the SAM family): the method re-evaluates the user's loss
+  at perturbed weights with the step's own arguments, ``loss_fn(params,
+  batch_stats, batch, rng) -> (loss, (new_batch_stats, logits))``,
+  ``has_aux=True`` -- the library's documented BatchNorm pattern: the user's
+  pass updates the statistics, the re-evaluations drop theirs. CSAM's
+  constructor names ``logits_fn`` and gets ``logits_fn(...) -> ((logits,
+  labels), aux)`` instead.
+* :data:`ESAM`: ``loss_fn`` returns the per-example losses, and the step
+  passes the ones it computed (``per_example_losses``).
+* :data:`SAF` and :data:`MESA`: a trajectory loss joins the user's loss (one
+  forward and one backward pass); SAF reads its target from the logit bank by
+  the batch's example indices, MESA from one forward pass of its EMA weights
+  in evaluation mode; MESA is evaluated with its EMA weights, as in the paper.
+
+This module imports jax, optax and sam_optax only (no Flax).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,171 +42,75 @@ import optax
 
 import sam_optax
 
+# Constructor arguments that are plumbing, not hyperparameters: built from
+# the run (:class:`Context`) or left at the library's default.
+PLUMBING = frozenset({
+    "inner", "loss_fn", "logits_fn", "has_aux", "axis_name", "perturbation", "mask",
+    "batch_argnames", "eps", "adaptive_mask", "num_examples", "num_classes",
+    "steps_per_epoch", "bank_dtype", "check_indices", "model_state", "seed"})
+
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-  """What a method's transform may be built from.
+  """What a method's transform is built from.
 
   Attributes:
-    loss_fn: ``loss_fn(params, batch_stats, batch, rng) -> (loss, (batch_stats,
-      logits))``, the training loss (has_aux).
-    logits_fn: ``logits_fn(params, batch_stats, batch, rng) -> ((logits,
-      labels), batch_stats)`` for CSAM.
-    lr_schedule: the learning-rate schedule of the base optimizer.
-    lr_max, lr_min: its peak and floor (for ρ schedules that follow it).
-    steps_per_epoch, total_steps: the run's length.
-    num_epochs: the number of epochs.
+    loss_fn: the mean training loss, ``loss_fn(params, **loss_args) -> (loss,
+      (batch_stats, logits))``.
+    logits_fn: CSAM's ``logits_fn(params, **loss_args) -> ((logits, labels),
+      batch_stats)``.
+    per_example_loss_fn: ESAM's ``(losses [B], (batch_stats, logits))``.
+    lr_schedule, lr_max, lr_min: the base optimizer's learning rate, its
+      peak and floor (for radii that follow it).
+    steps_per_epoch, num_epochs: the run's length.
     num_examples, num_classes: the training set (SAF's bank).
-    model_state: the initial BatchNorm statistics (``{}`` without BatchNorm),
-      for MESA's average of them.
-    batch_splits: the perturbing methods' ``batch_splits`` (None: one
-      perturbation from the step's whole gradient).
+    model_state: the initial BatchNorm statistics (``{}`` without BatchNorm).
+    seed: the run's seed (stochastic SAM's draws, ESAM's masks).
+    batch_splits: the perturbing methods' groups per step (m-sharpness; None:
+      one perturbation from the step's whole gradient).
     axis_name: the data axis of a ``pmap`` / ``shard_map`` step (None under
-      ``jax.jit``, where XLA averages the global batch).
+      ``jax.jit``).
   """
 
   loss_fn: Callable[..., Any]
-  logits_fn: Callable[..., Any]
-  lr_schedule: optax.Schedule
+  logits_fn: Callable[..., Any] | None
+  per_example_loss_fn: Callable[..., Any] | None
+  lr_schedule: optax.ScalarOrSchedule
   lr_max: float
   lr_min: float
   steps_per_epoch: int
-  total_steps: int
   num_epochs: int
   num_examples: int
   num_classes: int
-  model_state: Any
+  model_state: Any = None
+  seed: int = 0
   batch_splits: int | None = None
   axis_name: str | None = None
 
-  @property
-  def data_parallel(self) -> dict[str, Any]:
-    """The m-sharpness arguments of the SAM family's constructors."""
-    if self.batch_splits:
-      return {"perturbation": sam_optax.Splits(self.batch_splits, axis_name=self.axis_name)}
-    return {"perturbation": sam_optax.PerDevice(self.axis_name) if self.axis_name else None}
+  def data_parallel(self, splits: bool = True) -> dict[str, Any]:
+    """The library's data-parallel keywords (the only place that names them).
+
+    The SAM family takes ``perturbation`` (``Splits(n)`` for ``n`` groups,
+    ``PerDevice(axis)`` under ``pmap`` / ``shard_map``); SAF and StableSAM
+    take ``axis_name``. ``splits=False``: no ``Splits`` (ESAM: m-sharpness
+    groups are not applied to it).
+    """
+    if self.batch_splits and splits:
+      perturbation = sam_optax.Splits(self.batch_splits, axis_name=self.axis_name)
+    else:
+      perturbation = sam_optax.PerDevice(self.axis_name) if self.axis_name else None
+    return {"perturbation": perturbation, "axis_name": self.axis_name}
 
 
-def _loss_args(loss_args, logits):
+def _loss_args(loss_args, logits, losses):
   """The SAM family re-evaluates ``loss_fn`` with the step's own arguments."""
-  del logits
+  del logits, losses
   return loss_args
 
 
-@dataclasses.dataclass(frozen=True)
-class Method:
-  """A method of the comparison.
-
-  Attributes:
-    name: the registry key (``--method``).
-    summary: one line for ``--help`` and the results table.
-    gradients: gradient evaluations per step (SGD = 1), or a function of the
-      hyperparameters (LookSAM, interval SAM: ``1 + 1/k``).
-    forwards: extra forward passes without gradient per step (MESA's EMA).
-    defaults: hyperparameters and their defaults (the papers' values).
-    build: ``build(context, hparams) -> transform or None`` (None: the plain
-      base optimizer).
-    target: for SAF and MESA, ``target(opt_state, params, batch_stats, batch,
-      predict) -> TrajectoryTarget`` read before the step's forward pass
-      (``predict(params, batch_stats, x)`` is the model in evaluation mode);
-      its trajectory loss is added to the user's loss, in the same single
-      backward pass. None for the other methods.
-    update_args: ``update_args(loss_args, logits) -> dict``, the extra
-      arguments of ``tx.update`` (``loss_args`` is ``{'batch_stats',
-      'batch', 'rng'}``, the arguments of ``loss_fn``).
-    eval_weights: ``eval_weights(opt_state, params, batch_stats) -> (params,
-      batch_stats)``, the weights the paper evaluates (MESA: the EMA), or
-      None for the trained weights.
-    perturbs: whether the method perturbs the weights (so that
-      ``--perturbation`` / ``batch_splits`` applies to it).
-  """
-
-  name: str
-  summary: str
-  gradients: float | Callable[[Mapping[str, Any]], float]
-  forwards: int
-  defaults: Mapping[str, Any]
-  build: Callable[[Context, Mapping[str, Any]], optax.GradientTransformation | None]
-  target: Callable[..., Any] | None = None
-  update_args: Callable[[Mapping[str, Any], Any], Mapping[str, Any]] = _loss_args
-  eval_weights: Callable[..., Any] | None = None
-  perturbs: bool = False
-
-
-  def gradients_per_step(self, hparams: Mapping[str, Any]) -> float:
-    """Gradient evaluations per step with these hyperparameters."""
-    return self.gradients(hparams) if callable(self.gradients) else self.gradients
-
-
-def _sam(ctx, h):
-  return sam_optax.sam(h["rho"], loss_fn=ctx.loss_fn, has_aux=True, **ctx.data_parallel)
-
-
-def _usam(ctx, h):
-  return sam_optax.usam(h["rho"], loss_fn=ctx.loss_fn, has_aux=True, **ctx.data_parallel)
-
-
-def _looksam(ctx, h):
-  return sam_optax.looksam(h["rho"], k=h["k"], alpha=h["alpha"], loss_fn=ctx.loss_fn,
-                           has_aux=True, **ctx.data_parallel)
-
-
-def _interval_sam(ctx, h):
-  return sam_optax.interval_sam(h["rho"], k=h["k"], loss_fn=ctx.loss_fn, has_aux=True,
-                                **ctx.data_parallel)
-
-
-def _one_in_k(h):
-  return 1 + 1 / h["k"]
-
-
-def _csam(ctx, h):
-  return sam_optax.csam(h["rho"], gamma=h["gamma"], logits_fn=ctx.logits_fn, has_aux=True,
-                        **ctx.data_parallel)
-
-
-def _stable_sam(ctx, h):
-  inner = sam_optax.sam(h["rho"], loss_fn=ctx.loss_fn, has_aux=True,
-                        normalize=h["normalize"], **ctx.data_parallel)
-  return sam_optax.stable_sam(inner, axis_name=ctx.axis_name)
-
-
-def _asam(ctx, h):
-  return sam_optax.asam(h["rho"], eta=h["eta"], loss_fn=ctx.loss_fn, has_aux=True,
-                        **ctx.data_parallel)
-
-
-def _lr_following(ctx, rho_max, rho_min):
-  if ctx.lr_max <= ctx.lr_min:  # constant learning rate: constant radius
-    return rho_max
-  return sam_optax.rho_schedule_from_lr(ctx.lr_schedule, rho_max=rho_max, rho_min=rho_min,
-                                        lr_max=ctx.lr_max, lr_min=ctx.lr_min)
-
-
-def _gsam(ctx, h):
-  rho = _lr_following(ctx, h["rho"], h["rho_min"])
-  return sam_optax.gsam(rho, alpha=h["alpha"], loss_fn=ctx.loss_fn, has_aux=True,
-                        **ctx.data_parallel)
-
-
-def _bsam(ctx, h):
-  rho_min = _lr_following(ctx, h["rho_min"], 0.0)
-  return sam_optax.bsam(h["rho"], rho_min, loss_fn=ctx.loss_fn, has_aux=True,
-                        **ctx.data_parallel)
-
-
-def _start_epoch(ctx, h, minimum):
-  """``E_start``: the configured epoch, or ~30 % of training (the paper's rule)."""
-  if h["start_epoch"] is not None:
-    return int(h["start_epoch"])
-  return max(minimum, int(round(0.3 * ctx.num_epochs)))
-
-
-def _saf(ctx, h):
-  return sam_optax.saf(
-      ctx.num_examples, ctx.num_classes, ctx.steps_per_epoch, lam=h["lam"], tau=h["tau"],
-      start_epoch=_start_epoch(ctx, h, h["past_epochs"]), past_epochs=h["past_epochs"],
-      axis_name=ctx.axis_name)
+def _esam_args(loss_args, logits, losses):
+  del logits
+  return {**loss_args, "per_example_losses": losses}
 
 
 def _saf_target(opt_state, params, batch_stats, batch, predict):
@@ -210,14 +118,9 @@ def _saf_target(opt_state, params, batch_stats, batch, predict):
   return sam_optax.saf_target(opt_state, batch["index"])
 
 
-def _saf_update_args(loss_args, logits):
+def _saf_args(loss_args, logits, losses):
+  del losses
   return {"logits": logits, "example_index": loss_args["batch"]["index"]}
-
-
-def _mesa(ctx, h):
-  return sam_optax.mesa(
-      ctx.steps_per_epoch, lam=h["lam"], tau=h["tau"], decay=h["decay"],
-      start_epoch=_start_epoch(ctx, h, 0), model_state=ctx.model_state or None)
 
 
 def _mesa_target(opt_state, params, batch_stats, batch, predict):
@@ -228,8 +131,8 @@ def _mesa_target(opt_state, params, batch_stats, batch, predict):
   return sam_optax.mesa_target(opt_state, params, lambda ema: predict(ema, {}, batch["x"]))
 
 
-def _mesa_update_args(loss_args, logits):
-  del logits
+def _mesa_args(loss_args, logits, losses):
+  del logits, losses
   batch_stats = loss_args["batch_stats"]  # the statistics paired with params
   return {"model_state": batch_stats} if batch_stats else {}
 
@@ -239,36 +142,130 @@ def _mesa_eval_weights(opt_state, params, batch_stats):
   return sam_optax.mesa_params(opt_state, params), ema_stats
 
 
-METHODS: dict[str, Method] = {
-    m.name: m for m in [
-        Method("sgd", "the base optimizer alone", 1, 0, {}, lambda ctx, h: None),
-        Method("sam", "SAM, Foret et al. 2021", 2, 0, {"rho": 0.05}, _sam, perturbs=True),
-        Method("usam", "unnormalized SAM, Andriushchenko & Flammarion 2022", 2, 0,
-               {"rho": 0.05}, _usam, perturbs=True),
-        Method("looksam", "LookSAM, Liu et al. 2022", _one_in_k, 0,
-               {"rho": 0.05, "k": 5, "alpha": 0.7}, _looksam, perturbs=True),
-        Method("interval_sam", "SAM every k steps (interval SAM)", _one_in_k, 0,
-               {"rho": 0.05, "k": 5}, _interval_sam, perturbs=True),
-        Method("csam", "calibrated SAM, ICLR 2026", 2, 0, {"rho": 0.05, "gamma": 1.0}, _csam,
-               perturbs=True),
-        Method("stable_sam", "StableSAM (renormalized USAM), Tan et al.", 2, 0,
-               {"rho": 0.05, "normalize": False}, _stable_sam, perturbs=True),
-        Method("asam", "adaptive SAM, Kwon et al. 2021", 2, 0, {"rho": 0.5, "eta": 0.01},
-               _asam, perturbs=True),
-        Method("gsam", "surrogate-gap SAM, Zhuang et al. 2022", 2, 0,
-               {"rho": 0.05, "rho_min": 0.05, "alpha": 0.1}, _gsam, perturbs=True),
-        Method("bsam", "bilateral SAM, Deng et al. 2024", 3, 0,
-               {"rho": 0.05, "rho_min": 0.05}, _bsam, perturbs=True),
-        Method("saf", "SAF (trajectory loss, logit bank), Du et al. 2022", 1, 0,
-               {"lam": 0.3, "tau": 5.0, "start_epoch": None, "past_epochs": 3}, _saf,
-               target=_saf_target, update_args=_saf_update_args),
-        Method("mesa", "MESA (trajectory loss, EMA teacher), Du et al. 2022", 1, 1,
-               {"lam": 0.8, "tau": 5.0, "start_epoch": None, "decay": 0.9998}, _mesa,
-               target=_mesa_target, update_args=_mesa_update_args,
-               eval_weights=_mesa_eval_weights),
-    ]
-}
-"""The methods, by name."""
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """How the training step feeds a method.
+
+  Attributes:
+    name: ``standard``, ``esam``, ``saf`` or ``mesa`` (the benchmarks pick
+      their step program by it).
+    update_args: ``update_args(loss_args, logits, per_example_losses) ->
+      dict``, the extra arguments of ``tx.update`` (``loss_args``: the
+      keyword arguments of ``loss_fn``).
+    target: for SAF and MESA, ``target(opt_state, params, batch_stats, batch,
+      predict) -> TrajectoryTarget``, read before the step's forward pass
+      (``predict(params, batch_stats, x)``: the model in evaluation mode).
+    eval_weights: ``eval_weights(opt_state, params, batch_stats) -> (params,
+      batch_stats)``, the weights the paper evaluates (None: the trained ones).
+  """
+
+  name: str
+  update_args: Callable[..., Mapping[str, Any]] = _loss_args
+  target: Callable[..., Any] | None = None
+  eval_weights: Callable[..., Any] | None = None
+
+
+STANDARD = Step("standard")
+ESAM = Step("esam", update_args=_esam_args)
+SAF = Step("saf", update_args=_saf_args, target=_saf_target)
+MESA = Step("mesa", update_args=_mesa_args, target=_mesa_target,
+            eval_weights=_mesa_eval_weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One row of the registry.
+
+  Attributes:
+    name: the registry key (``config.method``).
+    transform: the library constructor (None: the base optimizer alone).
+    summary: one line for the results table.
+    gradients: gradient evaluations per step (SGD = 1), or a function of the
+      hyperparameters (LookSAM, interval SAM: ``1 + 1/k``).
+    forwards: extra forward passes without gradient per step.
+    step: how the training step feeds it (:class:`Step`).
+    defaults: defaults that differ from the constructor's, and hyperparameters
+      the trainer adds (``rho_min`` of an lr-following radius).
+    inner: for a wrapper (StableSAM), the constructor of the wrapped method,
+      whose hyperparameters it takes.
+    follow_lr: ``{radius: floor}``: the radius follows the learning-rate
+      schedule from its value at the peak down to the hyperparameter
+      ``floor`` (None: to 0) at the floor (``sam_optax.rho_schedule_from_lr``).
+  """
+
+  name: str
+  transform: Callable[..., optax.GradientTransformation] | None
+  summary: str
+  gradients: float | Callable[[Mapping[str, Any]], float] = 2
+  forwards: int = 0
+  step: Step = STANDARD
+  defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  inner: Callable[..., optax.GradientTransformation] | None = None
+  follow_lr: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+
+  def gradients_per_step(self, hparams: Mapping[str, Any]) -> float:
+    """Gradient evaluations per step with these hyperparameters."""
+    return self.gradients(hparams) if callable(self.gradients) else self.gradients
+
+  @property
+  def perturbs(self) -> bool:
+    """Whether ``perturbation`` (m-sharpness: ``Splits``) applies to it."""
+    return "perturbation" in _accepted(self.inner or self.transform) and self.step is STANDARD
+
+
+def _one_in_k(h):
+  return 1 + 1 / h["k"]
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("sgd", None, "the base optimizer alone", gradients=1),
+    Method("sam", sam_optax.sam, "SAM, Foret et al. 2021"),
+    Method("usam", sam_optax.usam, "unnormalized SAM, Andriushchenko & Flammarion 2022"),
+    Method("looksam", sam_optax.looksam, "LookSAM, Liu et al. 2022", gradients=_one_in_k),
+    Method("interval_sam", sam_optax.interval_sam, "SAM every k steps (interval SAM)",
+           gradients=_one_in_k),
+    Method("stochastic_sam", sam_optax.stochastic_sam, "SAM with probability p per step",
+           gradients=lambda h: 1 + h["p"]),
+    Method("csam", sam_optax.csam, "calibrated SAM, ICLR 2026"),
+    Method("stable_sam", sam_optax.stable_sam, "StableSAM (renormalized USAM), Tan et al.",
+           inner=sam_optax.sam, defaults={"normalize": False}),
+    Method("asam", sam_optax.asam, "adaptive SAM, Kwon et al. 2021"),
+    Method("gsam", sam_optax.gsam, "surrogate-gap SAM, Zhuang et al. 2022",
+           defaults={"rho_min": 0.05}, follow_lr={"rho": "rho_min"}),
+    Method("bsam", sam_optax.bsam, "bilateral SAM, Deng et al. 2024", gradients=3,
+           follow_lr={"rho_min": None}),
+    Method("esam", sam_optax.esam, "efficient SAM (SWP + SDS), Du et al. 2022",
+           gradients=lambda h: 1 + h["gamma"], forwards=1, step=ESAM),
+    Method("saf", sam_optax.saf, "SAF (trajectory loss, logit bank), Du et al. 2022",
+           gradients=1, step=SAF, defaults={"start_epoch": None}),
+    Method("mesa", sam_optax.mesa, "MESA (trajectory loss, EMA teacher), Du et al. 2022",
+           gradients=1, forwards=1, step=MESA, defaults={"start_epoch": None}),
+]}
+"""The methods, by name. ``start_epoch=None`` (SAF, MESA): 30 % of the epochs, the
+paper's rule."""
+
+
+def _accepted(fn) -> set[str]:
+  """The keywords ``fn`` takes; through ``**kwargs`` it takes :func:`sam_optax.sam`'s."""
+  if fn is None:
+    return set()
+  parameters = inspect.signature(fn).parameters.values()
+  names = {p.name for p in parameters if p.kind is not p.VAR_KEYWORD}
+  if any(p.kind is p.VAR_KEYWORD for p in parameters):
+    names |= _accepted(sam_optax.sam)
+  return names
+
+
+def _signature_defaults(fn) -> dict[str, Any]:
+  """The named arguments of ``fn`` with a default, less the plumbing."""
+  return {p.name: p.default for p in inspect.signature(fn).parameters.values()
+          if p.name not in PLUMBING and p.default is not p.empty}
+
+
+def hparam_defaults(method: Method) -> dict[str, Any]:
+  """The method's hyperparameters: its constructor's defaults, then the row's."""
+  fn = method.inner or method.transform
+  return {**(_signature_defaults(fn) if fn else {}), **method.defaults}
 
 
 def get_method(name: str) -> Method:
@@ -280,17 +277,56 @@ def get_method(name: str) -> Method:
 
 def hparams_for(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """The method's defaults updated with ``overrides``; unknown names are errors."""
-  method = get_method(name)
-  values = dict(method.defaults)
+  values = hparam_defaults(get_method(name))
   for key, value in (overrides or {}).items():
     if key not in values:
-      raise ValueError(
-          f"method {name!r} has no hyperparameter {key!r}; it has"
-          f" {sorted(values) or 'none'}.")
+      raise ValueError(f"method {name!r} has no hyperparameter {key!r}; it has"
+                       f" {sorted(values) or 'none'}.")
     values[key] = value
   return values
 
 
 def default_hparams() -> dict[str, dict[str, Any]]:
-  """Every registered method's hyperparameter defaults, by method name."""
-  return {name: dict(method.defaults) for name, method in METHODS.items()}
+  """Every method's hyperparameter defaults, by method name."""
+  return {name: hparam_defaults(method) for name, method in METHODS.items()}
+
+
+def _radius(ctx: Context, rho_max, rho_min):
+  """``rho_max`` at the peak learning rate down to ``rho_min`` at its floor."""
+  if ctx.lr_max <= ctx.lr_min:  # constant learning rate: constant radius
+    return rho_max
+  return sam_optax.rho_schedule_from_lr(ctx.lr_schedule, rho_max=rho_max, rho_min=rho_min,
+                                        lr_max=ctx.lr_max, lr_min=ctx.lr_min)
+
+
+def _call(fn, arguments: Mapping[str, Any]):
+  accepted = _accepted(fn)
+  return fn(**{k: v for k, v in arguments.items() if k in accepted})
+
+
+def build(method: Method, ctx: Context,
+          hparams: Mapping[str, Any]) -> optax.GradientTransformation | None:
+  """The method's transform for a run (None for SGD).
+
+  Args:
+    method: the registry row.
+    ctx: the run (:class:`Context`).
+    hparams: its hyperparameters (:func:`hparams_for`).
+  """
+  if method.transform is None:
+    return None
+  values = dict(hparams)
+  for radius, floor in method.follow_lr.items():
+    values[radius] = _radius(ctx, values[radius], values.pop(floor) if floor else 0.0)
+  if values.get("start_epoch", 0) is None:  # the SAF / MESA papers' rule
+    minimum = values.get("past_epochs", 0)
+    values["start_epoch"] = max(minimum, int(round(0.3 * ctx.num_epochs)))
+  loss_fn = ctx.per_example_loss_fn if method.step is ESAM else ctx.loss_fn
+  arguments = {
+      "loss_fn": loss_fn, "logits_fn": ctx.logits_fn, "has_aux": True, "seed": ctx.seed,
+      "num_examples": ctx.num_examples, "num_classes": ctx.num_classes,
+      "steps_per_epoch": ctx.steps_per_epoch, "model_state": ctx.model_state or None,
+      **ctx.data_parallel(splits=method.perturbs), **values}
+  if method.inner is not None:
+    arguments["inner"] = _call(method.inner, arguments)
+  return _call(method.transform, arguments)

@@ -265,3 +265,25 @@ def test_get_pipeline_rejects_unknown_names():
 
   with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
     input_pipeline.get_pipeline(Config(dataset="svhn"))
+
+
+@pytest.fixture()
+def fake_splits(tf_modules, monkeypatch):
+  """The fake splits read directly (``tfds.testing.mock_data`` patches the file
+  system while a split opens, which would catch orbax's asynchronous writes)."""
+  tf, _ = tf_modules
+  monkeypatch.setattr(input_pipeline.TFDSPipeline, "_read",
+                      lambda self, split: _fake_split(tf, split, jpeg=self.imagenet))
+
+
+def test_a_paper_config_trains_in_its_tiny_form(fake_splits, tmp_path):
+  """``imagenet_resnet50.py:tiny``: the real loop on fake JPEGs (16 examples, 2 steps)."""
+  from experiments import main as cli  # pylint: disable=import-outside-toplevel
+  from experiments import train  # pylint: disable=import-outside-toplevel
+
+  config, _ = cli.parse(["main", "--config=experiments/configs/imagenet_resnet50.py:tiny"])
+  result = train.train_and_evaluate(config, str(tmp_path), progress=False)
+  assert result.finished and result.step == 16 // 8
+  assert (result.report["dataset"], result.report["model"]) == ("imagenet2012", "resnet18")
+  assert len(result.history["test_accuracy"]) == 1
+  assert np.isfinite(result.report["test"]["nll"])

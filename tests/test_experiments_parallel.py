@@ -24,24 +24,19 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import distributed, input_pipeline, methods, train
-from experiments.configs import default, imagenet_resnet50
+from experiments import checkpoints, distributed, evaluate, input_pipeline, methods, placement
+from experiments import main as cli
+from experiments import train
+from experiments.configs import imagenet_resnet50
+from test_experiments_train import tiny_config as _tiny
 
 DEVICES = 8
 STEPS = 2
 
 
 def tiny_config(**overrides):
-  config = default.get_config()
-  config.mnist1d.num_samples = 500  # 400 train, 100 test
-  config.batch_size = 80            # 10 examples per device
-  config.eval_batch_size = 100
-  config.model_kwargs.channels = (4,)  # one convolution with BatchNorm: quick to compile
-  config.num_epochs = 1
-  config.hessian_iters = 0
-  for key, value in overrides.items():
-    train.set_dotted(config, key, value)
-  return config
+  """The tiny config on 8 devices (10 examples each), one convolution: quick to compile."""
+  return _tiny(**{"data_parallel": True, "model_kwargs.channels": (4,), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +67,13 @@ def pmap_params(config, pipeline, batches):
   """
   method = methods.get_method(config.method)
   run = train.create_run(config.copy_and_resolve_references(), pipeline)  # the same init
-  context = train.make_context(config, pipeline, run.model, run.state.batch_stats,
+  loss_fns = train.make_loss_fns(run.model)
+  context = train.make_context(config, pipeline, loss_fns, run.state.batch_stats,
                                axis_name="data")
   tx, _ = train.make_optimizer(config, method, context)
   state = train.TrainState.create(apply_fn=run.model.apply, params=run.state.params, tx=tx,
                                   batch_stats=run.state.batch_stats)
-  step = jax.pmap(train.make_train_step(context.loss_fn, method, train.make_predict(run.model)),
+  step = jax.pmap(train.make_train_step(loss_fns, method, train.make_predict(run.model)),
                   axis_name="data", in_axes=(0, 0, None))
   state = jax.tree.map(lambda a: np.broadcast_to(a, (DEVICES,) + np.shape(a)), jax.device_get(state))
   for batch in batches:
@@ -153,8 +149,8 @@ def test_evaluation_on_eight_devices_equals_one(sam_runs, pipeline):
   (_, parallel, parallel_state), (_, single, single_state) = (sam_runs["global"],
                                                               sam_runs["one_device"])
   weights = parallel.placement.local((parallel_state.params, parallel_state.batch_stats))
-  got = train.collect_logits(parallel.predict, weights, pipeline.eval_batches(), 30)
-  want = train.collect_logits(single.predict, (single_state.params, single_state.batch_stats),
+  got = evaluate.collect_logits(parallel.predict, weights, pipeline.eval_batches(), 30)
+  want = evaluate.collect_logits(single.predict, (single_state.params, single_state.batch_stats),
                               pipeline.eval_batches(), 30)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(got[1], want[1])
@@ -166,11 +162,12 @@ def test_an_unbound_axis_name_is_a_clear_error(pipeline, batches):
   config = tiny_config(method="gsam", data_parallel=False)
   method = methods.get_method("gsam")
   run = train.create_run(config, pipeline)
-  context = train.make_context(config, pipeline, run.model, run.state.batch_stats,
+  loss_fns = train.make_loss_fns(run.model)
+  context = train.make_context(config, pipeline, loss_fns, run.state.batch_stats,
                                axis_name="data")
   tx, _ = train.make_optimizer(config, method, context)
   state = run.state.replace(tx=tx, opt_state=tx.init(run.state.params))
-  step = jax.jit(train.make_train_step(context.loss_fn, method, train.make_predict(run.model)))
+  step = jax.jit(train.make_train_step(loss_fns, method, train.make_predict(run.model)))
   with pytest.raises(ValueError, match=r"axis_name='data' is not bound.*jax.pmap"):
     step(state, batches[0], run.rng)
 
@@ -200,7 +197,7 @@ def test_imagenet_config_divides_on_pod_slices(slice_name, processes, devices):
   config.method = "sam"
   assert config.batch_size == 4096 and config.data_parallel
   assert config.perturbation == "device" and not config.batch_splits
-  splits = train.check_data_layout(config, devices, processes)
+  splits = placement.check_data_layout(config, devices, processes)
   assert splits == devices  # one perturbation per device: m = 4096 / devices
   shares = [input_pipeline.host_share(IMAGENET_TRAIN, config.batch_size, p, processes)
             for p in range(processes)]
@@ -231,21 +228,21 @@ def test_mnist1d_processes_evaluate_disjoint_parts(pipeline):
     ({"batch_size": 4096}, 24, 3, "not divisible by the 3 processes"),
     ({"data_parallel": False}, 8, 2, "data_parallel=False trains on one device"),
     ({"perturbation": "split", "batch_splits": 7}, 8, 1, "not divisible by batch_splits=7"),
-    ({"perturbation": "split"}, 8, 1, "needs --batch-splits"),
-    ({"batch_splits": 4}, 8, 1, "add --perturbation split"),
+    ({"perturbation": "split"}, 8, 1, "needs batch_splits"),
+    ({"batch_splits": 4}, 8, 1, "set --config.perturbation=split"),
     ({"perturbation": "somewhere"}, 8, 1, "unknown perturbation 'somewhere'"),
 ])
 def test_bad_layouts(overrides, devices, processes, message):
   config = tiny_config(**overrides)
-  with pytest.raises(train.UsageError, match=message):
-    train.check_data_layout(config, devices, processes)
+  with pytest.raises(checkpoints.UsageError, match=message):
+    placement.check_data_layout(config, devices, processes)
 
 
 def test_split_groups_and_one_device_layouts():
-  assert train.check_data_layout(tiny_config(perturbation="split", batch_splits=16), 8) == 16
-  assert train.check_data_layout(tiny_config(perturbation="split", batch_splits=1), 8) is None
-  assert train.check_data_layout(tiny_config(), 1) is None
-  assert train.check_data_layout(tiny_config(data_parallel=False), 8) is None
+  assert placement.check_data_layout(tiny_config(perturbation="split", batch_splits=16), 8) == 16
+  assert placement.check_data_layout(tiny_config(perturbation="split", batch_splits=1), 8) is None
+  assert placement.check_data_layout(tiny_config(), 1) is None
+  assert placement.check_data_layout(tiny_config(data_parallel=False), 8) is None
 
 
 # --------------------------------------------------------------------------
@@ -253,25 +250,26 @@ def test_split_groups_and_one_device_layouts():
 # jax.distributed would start).
 # --------------------------------------------------------------------------
 
-SMALL = ["--set", "mnist1d.num_samples=500", "--epochs", "1", "--no-progress"]
+SMALL = ["--config=experiments/configs/default.py:tiny", "--noprogress"]
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["--num-processes", "2", "--process-id", "2", "--coordinator-address", "127.0.0.1:1"],
-     "--process-id 2 is out of range for --num-processes 2"),
-    (["--num-processes", "2", "--process-id", "0"], "missing --coordinator-address"),
-    (["--num-processes", "3", "--process-id", "0", "--coordinator-address", "127.0.0.1:1",
-      "--batch-size", "80"], "batch_size=80 (the global batch) is not divisible by the 3"),
-    (["--perturbation", "everywhere"], "unknown perturbation 'everywhere'"),
-    (["--perturbation", "split"], "--perturbation split needs --batch-splits"),
-    (["--perturbation", "split", "--batch-splits", "7"], "not divisible by batch_splits=7"),
-    (["--batch-splits", "4"], "add --perturbation split"),
+    (["--num_processes=2", "--process_id=2", "--coordinator_address=127.0.0.1:1"],
+     "--process_id 2 is out of range for --num_processes 2"),
+    (["--num_processes=2", "--process_id=0"], "missing --coordinator_address"),
+    (["--num_processes=3", "--process_id=0", "--coordinator_address=127.0.0.1:1",
+      "--config.data_parallel=True"], "batch_size=80 (the global batch) is not divisible by the 3"),
+    (["--config.perturbation=everywhere"], "unknown perturbation 'everywhere'"),
+    (["--config.perturbation=split"], "perturbation='split' needs batch_splits"),
+    (["--config.perturbation=split", "--config.batch_splits=7"],
+     "not divisible by batch_splits=7"),
+    (["--config.batch_splits=4"], "set --config.perturbation=split"),
 ])
 def test_bad_flags_are_one_error_line(argv, fragment, capsys, tmp_path, monkeypatch):
   for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     monkeypatch.delenv(name, raising=False)
   out = tmp_path / "out"
-  assert train.main(argv + SMALL + ["--output-dir", str(out)]) == 2
+  assert cli.main(["main"] + SMALL + argv + [f"--workdir={out}"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
   assert fragment in err, err
@@ -282,15 +280,16 @@ def test_process_id_from_the_environment(capsys, tmp_path, monkeypatch):
   monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
   monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
   monkeypatch.setenv("JAX_PROCESS_ID", "7")
-  assert train.main(SMALL + ["--output-dir", str(tmp_path / "out")]) == 2
-  assert "--process-id 7 is out of range" in capsys.readouterr().err
+  assert cli.main(["main"] + SMALL + [f"--workdir={tmp_path / 'out'}"]) == 2
+  assert "--process_id 7 is out of range" in capsys.readouterr().err
 
 
 def test_batch_not_divisible_by_the_devices(capsys, tmp_path):
-  assert train.main(SMALL + ["--batch-size", "84", "--output-dir", str(tmp_path / "out")]) == 2
+  assert cli.main(["main"] + SMALL + ["--config.data_parallel=True", "--config.batch_size=84",
+                                     f"--workdir={tmp_path / 'out'}"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: batch_size=84 is not divisible by the 8 devices"), err
-  assert not (tmp_path / "out" / "checkpoints").exists()
+  assert not (tmp_path / "out").exists()
 
 
 def test_the_documented_tpu_pod_command_parses_and_divides():
@@ -301,23 +300,22 @@ def test_the_documented_tpu_pod_command_parses_and_divides():
               and "--command=" in line]
   assert len(launches) == 1, launches
   words = shlex.split(launches[0])
-  assert words[:3] == ["python3", "-m", "experiments.train"]
-  args = train.build_parser().parse_args(words[3:])
-  assert args.distributed and args.output_dir.startswith("gs://")
-  assert distributed.process_spec(auto=args.distributed, environ={}) == \
+  assert words[:3] == ["python3", "-m", "experiments.main"]
+  config, options = cli.parse(["main"] + words[3:])
+  assert options.distributed and options.workdir.startswith("gs://")
+  assert distributed.process_spec(auto=options.distributed, environ={}) == \
       distributed.ProcessSpec(auto=True)
-  config = train.config_from_args(args)
   assert (config.dataset, config.model, config.method) == ("imagenet2012", "resnet50", "sam")
   assert config.data_dir.startswith("gs://")
-  assert train.check_data_layout(config, num_devices=32, num_processes=8) == 32
+  assert placement.check_data_layout(config, num_devices=32, num_processes=8) == 32
 
 
 def test_remote_output_paths_go_through_epath(tmp_path, monkeypatch):
   """gs:// folders: written with etils.epath (run here on a local folder)."""
-  monkeypatch.setattr(train, "_is_remote", lambda path: True)
-  folder = train.check_output_dir(str(tmp_path / "bucket" / "run"))
+  monkeypatch.setattr(checkpoints, "is_remote", lambda path: True)
+  folder = checkpoints.check_output_dir(str(tmp_path / "bucket" / "run"))
   assert folder == str(tmp_path / "bucket" / "run") and (tmp_path / "bucket" / "run").is_dir()
   assert list((tmp_path / "bucket" / "run").iterdir()) == []  # the probe is gone
-  train._write_json(f"{folder}/results.json", {"a": np.float32(1.5)})  # pylint: disable=protected-access
+  checkpoints.write_json(f"{folder}/results.json", {"a": np.float32(1.5)})
   assert (tmp_path / "bucket" / "run" / "results.json").read_text().replace(" ", "").replace(
       "\n", "") == '{"a":1.5}'

@@ -1,7 +1,8 @@
-"""The training program: every method trains, BatchNorm, cost, resume, the CLI.
+"""The training program: every method trains, BatchNorm, cost, resume, configs, the CLI.
 
-Runs on a tiny MNIST-1D (400 training sequences, batches of 80, a CNN with 8
-channels), one device (``data_parallel=False``) unless a test says otherwise.
+Runs the default config's tiny form (``experiments/configs/default.py:tiny``:
+400 training sequences, batches of 80, a CNN with 8 channels, one device)
+unless a test says otherwise.
 Every method is trained once per module (``trained``) and the tests read the
 results; identical programs are compiled once (``compilation_cache``).
 """
@@ -17,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import input_pipeline, methods, models, train
+from experiments import checkpoints, input_pipeline, methods, models, train
+from experiments import main as cli
 from experiments.configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,27 +27,18 @@ CONFIGS = os.path.join(ROOT, "experiments", "configs")
 
 
 def tiny_config(**overrides):
-  config = default.get_config()
-  config.mnist1d.num_samples = 500  # 400 train, 100 test
-  config.batch_size = 80            # 5 steps per epoch
-  config.eval_batch_size = 100
-  config.model_kwargs.channels = (8, 8)
-  config.num_epochs = 1
-  config.hessian_iters = 0
-  config.hessian_examples = 100
-  config.data_parallel = False
-  # SAF / MESA switch on early enough to be exercised in 3 epochs.
-  config.hparams.saf.past_epochs = 1
-  config.hparams.saf.start_epoch = 1
-  config.hparams.mesa.start_epoch = 0
-  config.hparams.mesa.decay = 0.9
-  for key, value in overrides.items():
-    train.set_dotted(config, key, value)
+  """``default.py:tiny`` with ``overrides`` (dotted names: ``hparams.sam.rho``)."""
+  config = default.get_config("tiny")
+  config.update_from_flattened_dict(overrides)
   return config
 
 
 def run(config, workdir, **kwargs):
-  return train.train_and_evaluate(config, str(workdir), progress=False, **kwargs)
+  """``train_and_evaluate``; the result with its report's fields (a dict) and state."""
+  result = train.train_and_evaluate(config, str(workdir), progress=False, **kwargs)
+  assert isinstance(result, train.Result)
+  return {**(result.report or {}), "state": result.state, "finished": result.finished,
+          "step": result.step, "history": result.history}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -147,7 +140,7 @@ def test_batchnorm_statistics_come_from_the_users_pass(pipeline):
   config = tiny_config(method="sam", **{"hparams.sam.rho": 0.5})
   created = train.create_run(config, pipeline)
   batch = next(pipeline.train_epoch(0))
-  loss_fn, _ = train.make_loss_fns(created.model)
+  loss_fn = train.make_loss_fns(created.model).loss
   rng = jax.random.fold_in(created.rng, 0)
   _, (expected, _) = jax.jit(loss_fn)(created.state.params, created.state.batch_stats, batch,
                                       rng)
@@ -220,9 +213,9 @@ def test_resume_is_bit_exact(name, tmp_path, trained):
 def test_checkpoints_need_resume_and_the_same_run(tmp_path):
   run(tiny_config(max_steps=2), tmp_path)
   assert (tmp_path / "checkpoints").is_dir() and not (tmp_path / "results.json").exists()
-  with pytest.raises(train.UsageError, match="--resume"):
+  with pytest.raises(checkpoints.UsageError, match="--resume"):
     run(tiny_config(), tmp_path)
-  with pytest.raises(train.UsageError, match="seed"):
+  with pytest.raises(checkpoints.UsageError, match="seed: 0 -> 3"):
     run(tiny_config(seed=3), tmp_path, resume=True)
 
 
@@ -231,10 +224,17 @@ def test_checkpoints_need_resume_and_the_same_run(tmp_path):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", sorted(f for f in os.listdir(CONFIGS)
-                                        if f.endswith(".py") and f != "__init__.py"))
+CONFIG_FILES = sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py") and f != "__init__.py")
+
+
+def _load_config(path, arg=None):
+  spec = os.path.join(CONFIGS, path) + (f":{arg}" if arg else "")
+  return cli.load_config(spec)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES)
 def test_every_config_is_valid_and_builds_its_model(path):
-  config = train.load_config(os.path.join(CONFIGS, path))
+  config = _load_config(path)
   train.validate_config(config)
   for name in config.methods:
     methods.hparams_for(name, config.hparams.get(name, {}))
@@ -245,6 +245,48 @@ def test_every_config_is_valid_and_builds_its_model(path):
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
   out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape)), variables)
   assert out.shape == (2, num_classes)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES)
+def test_every_config_has_a_locked_tiny_form(path):
+  full, tiny = _load_config(path), _load_config(path, "tiny")
+  train.validate_config(tiny)
+  assert (tiny.dataset, tiny.num_epochs, tiny.data_parallel) == (full.dataset, 1, False)
+  assert tiny.batch_size <= 80 and tiny.hessian_iters == 0
+  assert tiny.to_dict() != full.to_dict()
+  with pytest.raises(AttributeError, match="num_epochs"):
+    tiny.num_epoch = 3  # locked: a typo is an error naming the field
+  with pytest.raises(ValueError, match="unknown config argument 'small'"):
+    _load_config(path, "small")
+
+
+def test_the_hparams_are_the_constructors_defaults():
+  """The base config reads every method's defaults from its library constructor."""
+  hparams = _load_config("base.py").hparams
+  assert set(hparams) == set(methods.METHODS)
+  assert hparams.sam.to_dict() == {"rho": 0.05, "normalize": True}
+  assert hparams.asam.to_dict() == {"rho": 0.5, "eta": 0.01}
+  assert hparams.bsam.to_dict() == {"rho_max": 0.05, "rho_min": 0.05}
+  assert hparams.esam.to_dict() == {"rho": 0.05, "beta": 0.5, "gamma": 0.5}
+  assert hparams.stable_sam.normalize is False  # the registry row's: USAM inside
+  assert hparams.saf.start_epoch is None and hparams.saf.lam == 0.3
+
+
+def test_a_new_library_method_is_one_registry_row(monkeypatch, tmp_path):
+  """A row naming a constructor: its hyperparameters, a run, the benchmarks' table."""
+  import sam_optax  # pylint: disable=import-outside-toplevel
+  from benchmarks import methods as bench  # pylint: disable=import-outside-toplevel
+
+  def half_sam(rho: float = 0.02, *, gain: float = 0.5, **kwargs):
+    return sam_optax.sam(rho * gain, **kwargs)
+
+  row = methods.Method("half_sam", half_sam, "SAM at half the radius")
+  monkeypatch.setitem(methods.METHODS, "half_sam", row)
+  assert methods.hparams_for("half_sam") == {"rho": 0.02, "gain": 0.5}
+  config = tiny_config(method="half_sam")
+  results = run(config, tmp_path)
+  assert results["finished"] and results["hparams"] == {"rho": 0.02, "gain": 0.5}
+  assert "half_sam" in [m.name for m in bench.method_table()]
 
 
 @pytest.mark.parametrize("name, kwargs, shape, params", [
@@ -286,75 +328,104 @@ def test_get_model_errors():
 # --------------------------------------------------------------------------
 
 
-def test_help_documents_every_flag(capsys):
+def test_every_flag_has_help():
+  values = cli.define_flags()
+  assert {"config", "workdir", "resume", "progress", "distributed"} <= set(values)
+  for name in values:
+    assert values[name].help, name
+
+
+def test_help_lists_the_flags(capsys):
   with pytest.raises(SystemExit) as exit_info:
-    train.main(["--help"])
+    cli.main(["main", "--help"])
   assert exit_info.value.code == 0
   text = capsys.readouterr().out
-  parser = train.build_parser()
-  for action in parser._actions:  # pylint: disable=protected-access
-    for flag in action.option_strings:
-      assert flag in text
-    if action.option_strings and action.dest != "help":
-      assert action.help, action.option_strings
+  for name in ("--config", "--workdir", "--resume", "--distributed"):
+    assert name in text
+
+
+TINY = "--config=experiments/configs/default.py:tiny"
 
 
 def _fails(argv, capsys, *fragments):
-  assert train.main(argv) == 2
+  assert cli.main(["main"] + argv) == 2
   err = capsys.readouterr().err
-  assert err.startswith("error: ") and "Traceback" not in err
+  assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
   for fragment in fragments:
     assert fragment in err, err
   return err
 
 
 @pytest.mark.parametrize("argv, fragments", [
-    (["--method", "adam_sam"], ["unknown method 'adam_sam'", "sam, csam"]),
-    (["--dataset", "mnist2d"], ["unknown dataset 'mnist2d'", "cifar10"]),
-    (["--model", "resnet7"], ["unknown model 'resnet7'"]),
-    (["--method", "sgd", "--rho", "0.1"], ["method 'sgd' has no hyperparameter 'rho'"]),
-    (["--label-noise", "1.5"], ["label_noise must be in [0, 1]"]),
-    (["--set", "hparams.sam.rhoo=0.1", "--method", "sam"], ["no hyperparameter 'rhoo'"]),
-    (["--config", "/nonexistent/config.py"], ["does not exist"]),
+    (["--config.num_epoch=3"], ["--config.num_epoch", "did you mean num_epochs?"]),
+    (["--config.hparams.sam.rhoo=0.1"], ["did you mean hparams.sam.rho?"]),
+    (["--config.num_epochs=three"], ["--config.num_epochs=three", "invalid literal for int()"]),
+    (["--config.label_noise=lots"], ["could not convert string to float: 'lots'"]),
+    (["--config.method=adam_sam"], ["unknown method 'adam_sam'", "sam, usam"]),
+    (["--config.dataset=mnist2d"], ["unknown dataset 'mnist2d'", "cifar10"]),
+    (["--config.model=resnet7"], ["unknown model 'resnet7'"]),
+    (["--config.label_noise=1.5"], ["label_noise must be in [0, 1]"]),
+    (["--config=/nonexistent/config.py"], ["No such file or directory"]),
+    (["--config=experiments/configs/default.py:small"], ["unknown config argument 'small'"]),
+    (["--nonsense=1"], ["Unknown command line flag 'nonsense'"]),
 ])
 def test_bad_input_is_one_clear_line(argv, fragments, capsys, tmp_path):
   out = tmp_path / "out"
-  _fails(argv + ["--output-dir", str(out)], capsys, *fragments)
+  _fails([TINY] + argv + [f"--workdir={out}"], capsys, *fragments)
   assert not out.exists()  # nothing written
 
 
 def test_missing_tfds_data_set(capsys, tmp_path):
   pytest.importorskip("tensorflow_datasets", reason="the 'tfds' extra is not installed")
   out = tmp_path / "out"
-  _fails(["--dataset", "cifar10", "--model", "resnet18", "--data-dir", str(tmp_path / "tfds"),
-          "--output-dir", str(out)], capsys, "'cifar10'", "not prepared", "never downloads")
+  _fails(["--config=experiments/configs/cifar10_resnet18.py:tiny",
+          f"--config.data_dir={tmp_path / 'tfds'}", f"--workdir={out}"], capsys,
+         "'cifar10'", "not prepared", "never downloads")
   assert not out.exists()
 
 
 def test_unwritable_output_folder(capsys, tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("")
-  _fails(["--output-dir", str(blocker / "run"), "--epochs", "1"], capsys,
-         "cannot write to the output folder")
+  _fails([TINY, f"--workdir={blocker / 'run'}"], capsys, "cannot write to the output folder")
 
 
 def test_cli_run_writes_results(tmp_path, capsys):
   out = tmp_path / "run"
-  code = train.main(["--method", "sam", "--rho", "0.2", "--epochs", "1", "--batch-size", "80",
-                     "--set", "mnist1d.num_samples=500", "--set", "model_kwargs.channels=(8,)",
-                     "--set", "hessian_iters=1", "--set", "data_parallel=False",
-                     "--set", "eval_batch_size=100", "--output-dir", str(out), "--no-progress"])
+  code = cli.main(["main", TINY, "--config.method=sam", "--config.hparams.sam.rho=0.2",
+                   "--config.hessian_iters=1", f"--workdir={out}", "--noprogress"])
   assert code == 0, capsys.readouterr().err
   results = json.loads((out / "results.json").read_text())
   assert results["hparams"]["rho"] == 0.2 and results["steps"] == 5
   assert "results:" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("changed, fragment", [
+    ("--config.hparams.saf.lam=0.5", "hparams.saf.lam: 1.0 -> 0.5"),
+    ("--config.hparams.saf.tau=2.0", "hparams.saf.tau: 5.0 -> 2.0"),
+    ("--config.learning_rate=0.1", "learning_rate: 0.05 -> 0.1"),
+])
+def test_resume_with_a_changed_hyperparameter_is_refused(changed, fragment, tmp_path, capsys):
+  """SAF keeps λ and τ in its state: a changed value would apply only in part."""
+  out = tmp_path / "run"
+  args = ["main", TINY, "--config.method=saf", "--config.num_epochs=2", f"--workdir={out}",
+          "--noprogress"]
+  assert cli.main(args + ["--config.max_steps=3"]) == 0, capsys.readouterr().err
+  before = sorted(p.name for p in (out / "checkpoints").iterdir())
+  capsys.readouterr()
+  _fails(args[1:] + ["--resume", changed], capsys, fragment, "--resume")
+  assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+  assert not (out / "results.json").exists()
+  assert cli.main(args + ["--resume"]) == 0  # the same config resumes
+  assert json.loads((out / "results.json").read_text())["steps"] == 10
+
+
 def test_subprocess_exit_code_and_no_traceback(tmp_path):
   completed = subprocess.run(
-      [sys.executable, "-m", "experiments.train", "--method", "nope", "--output-dir",
-       str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+      [sys.executable, "-m", "experiments.main", TINY, "--config.num_epoch=3",
+       f"--workdir={tmp_path / 'x'}"], cwd=ROOT, capture_output=True, text=True, timeout=120,
       env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
   assert completed.returncode == 2
-  assert "Traceback" not in completed.stderr
-  assert "unknown method 'nope'" in completed.stderr
+  assert completed.stderr.count("\n") == 1 and "Traceback" not in completed.stderr
+  assert "did you mean num_epochs?" in completed.stderr
+  assert not (tmp_path / "x").exists()

@@ -1,6 +1,6 @@
 """Training on several processes: two CPU processes on localhost, gloo collectives.
 
-``experiments.train`` runs in two subprocesses (coordinator on 127.0.0.1, a
+``experiments.main`` runs in two subprocesses (coordinator on 127.0.0.1, a
 free port, 2 CPU devices each: 4 devices in all), each reading its own half
 of every MNIST-1D batch, evaluating its own half of the test split and
 saving the orbax checkpoints together. They must end with identical
@@ -24,7 +24,9 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import checkpoints as checkpoints_lib
 from experiments import distributed, train
+from experiments import main as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, LOCAL_DEVICES = 2, 2
@@ -34,22 +36,22 @@ WORKER = r"""
 import json, sys
 import numpy as np
 import jax
-from experiments import train
+from experiments import main as cli
 
 argv, dump = json.loads(sys.argv[1]), sys.argv[2]
-results = train.run_from_args(train.build_parser().parse_args(argv))
+result = cli.run(*cli.parse(["main"] + argv))
 params = {jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(results["state"].params)}
+          for path, leaf in jax.tree_util.tree_leaves_with_path(result.state.params)}
 np.savez(dump, **params)
 print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                   "devices": jax.device_count(), "local_devices": jax.local_device_count()}))
 """
 
 # The tiny run: 400 training sequences, 5 steps of 80, a CNN with one 4-channel convolution.
-RUN_FLAGS = ["--method", "sam", "--epochs", "1", "--batch-size", "80", "--checkpoint-every", "2",
-             "--set", "mnist1d.num_samples=500", "--set", "model_kwargs.channels=(4,)",
-             "--set", "eval_batch_size=30", "--set", "hessian_iters=2",
-             "--set", "hessian_examples=50", "--no-progress"]
+RUN_FLAGS = ["--config=experiments/configs/default.py:tiny", "--config.method=sam",
+             "--config.data_parallel=True", "--config.checkpoint_every_steps=2",
+             "--config.model_kwargs.channels=(4,)", "--config.eval_batch_size=30",
+             "--config.hessian_iters=2", "--config.hessian_examples=50", "--noprogress"]
 
 
 def gloo_available() -> bool:
@@ -82,9 +84,9 @@ def start_processes(tmp_path, output_dir):
   procs = []
   try:
     for index in range(PROCESSES):
-      argv = RUN_FLAGS + ["--output-dir", str(output_dir), "--coordinator-address",
-                          f"127.0.0.1:{port}", "--num-processes", str(PROCESSES),
-                          "--process-id", str(index)]
+      argv = RUN_FLAGS + [f"--workdir={output_dir}",
+                          f"--coordinator_address=127.0.0.1:{port}",
+                          f"--num_processes={PROCESSES}", f"--process_id={index}"]
       log = open(tmp_path / f"process{index}.log", "w+", encoding="utf-8")  # pylint: disable=consider-using-with
       procs.append((subprocess.Popen(  # pylint: disable=consider-using-with
           [sys.executable, "-c", WORKER, json.dumps(argv), str(tmp_path / f"params{index}.npz")],
@@ -126,12 +128,12 @@ def two_processes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """One process, one device, the four devices' shards as four perturbation groups."""
-  args = train.build_parser().parse_args(RUN_FLAGS + [
-      "--perturbation", "split", "--batch-splits", str(PROCESSES * LOCAL_DEVICES),
-      "--set", "data_parallel=False"])
-  config = train.config_from_args(args)
-  return train.train_and_evaluate(config, str(tmp_path_factory.mktemp("single")),
-                                  progress=False)
+  config, _ = cli.parse(["main"] + RUN_FLAGS + [
+      "--config.perturbation=split", f"--config.batch_splits={PROCESSES * LOCAL_DEVICES}",
+      "--config.data_parallel=False"])
+  result = train.train_and_evaluate(config, str(tmp_path_factory.mktemp("single")),
+                                    progress=False)
+  return {**result.report, "state": result.state}
 
 
 def _flat(params):
@@ -179,13 +181,14 @@ def test_evaluation_gathers_every_process(two_processes, reference):
 
 def test_checkpoint_of_two_processes_restores_on_one(two_processes, reference):
   params, output_dir, _ = two_processes
-  checkpoints = train.Checkpoints(str(output_dir / "checkpoints"))
+  checkpoints = checkpoints_lib.Checkpoints(str(output_dir / "checkpoints"))
   try:
     assert checkpoints.latest_step() == 5
-    state, meta = checkpoints.restore(reference["state"])
+    state, loop = checkpoints.restore(reference["state"])
+    assert checkpoints.restore_config()["method"] == "sam"
   finally:
     checkpoints.close()
-  assert int(state.step) == 5 and meta["method"] == "sam"
+  assert int(state.step) == 5 and loop.history["epoch"] == [1]
   for key, value in _flat(state.params).items():
     np.testing.assert_array_equal(value, params[0][key], err_msg=key)
   chex.assert_trees_all_equal_structs(state.opt_state, reference["state"].opt_state)
@@ -209,17 +212,17 @@ def test_process_spec_from_flags_and_environment():
 
 @pytest.mark.parametrize("kwargs, environ, message", [
     ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, {},
-     "--process-id 2 is out of range for --num-processes 2"),
+     "--process_id 2 is out of range for --num_processes 2"),
     ({"coordinator_address": "h:1", "num_processes": 0, "process_id": 0}, {},
-     "--num-processes must be >= 1"),
+     "--num_processes must be >= 1"),
     ({"coordinator_address": "h:1", "num_processes": 2, "process_id": -1}, {},
      "out of range"),
-    ({"num_processes": 2, "process_id": 0}, {}, "missing --coordinator-address"),
-    ({"coordinator_address": "h:1"}, {}, "missing --num-processes, --process-id"),
+    ({"num_processes": 2, "process_id": 0}, {}, "missing --coordinator_address"),
+    ({"coordinator_address": "h:1"}, {}, "missing --num_processes, --process_id"),
     ({"coordinator_address": "localhost", "num_processes": 2, "process_id": 0}, {},
      "must be HOST:PORT"),
     ({}, {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "5", "JAX_COORDINATOR_ADDRESS": "h:1"},
-     "--process-id 5 is out of range"),
+     "--process_id 5 is out of range"),
     ({}, {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' must be an integer"),
 ])
 def test_bad_process_settings(kwargs, environ, message):

@@ -1,1 +1,1 @@
-"""Configs: one ``get_config()`` file per reproduced setting (``--config FILE``)."""
+"""Configs: one experiment per file, each overriding :mod:`base` (``--config=FILE[:tiny]``)."""

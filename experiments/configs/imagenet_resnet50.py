@@ -14,8 +14,8 @@ in ``experiments/README.md``, "ImageNet ResNet-50 on a TPU pod slice"): with
 batch is split across all devices (``data_parallel``), SAM perturbs once per
 device (``perturbation = 'device'``: m = 4096 / devices, as in the paper's TPU
 runs), every host evaluates its share of the validation split (gathered), and
-checkpoints go to ``--output-dir`` (a path every host sees, e.g. ``gs://...``).
-Needs ``imagenet2012`` prepared in TFDS (manual download; ``--data-dir``).
+checkpoints go to ``--workdir`` (a path every host sees, e.g. ``gs://...``).
+Needs ``imagenet2012`` prepared in TFDS (manual download; ``--config.data_dir``).
 
 SAF's logit bank is ``(Ẽ + 1) × 1,281,167 × 1000`` entries (15 GB in float32,
 7.7 GB in bfloat16) and is replicated on every device by this trainer; run
@@ -24,17 +24,13 @@ SAF at this scale only with a sharded bank (see ``sam_optax.saf``).
 
 import ml_collections
 
-from experiments import methods
-from experiments.configs import default
+from experiments.configs import base
 
 
-def get_config() -> ml_collections.ConfigDict:
-  config = default.get_config()
+def get_config(arg=None):
+  config = base.get_config()
   config.methods = ("sgd", "sam", "csam", "gsam", "asam", "mesa")
   config.dataset = "imagenet2012"
-  config.label_noise = 0.0
-  config.image_size = 224
-  config.shuffle_buffer = 16_384
   config.model = "resnet50"
   config.model_kwargs = ml_collections.ConfigDict()
   config.half_precision = True
@@ -43,29 +39,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 4096
   config.eval_batch_size = 1024
   config.eval_every_epochs = 5
-
-  config.optimizer = "sgd"
   config.learning_rate = 1.6
-  config.lr_schedule = "cosine"
   config.warmup_epochs = 5.0
-  config.momentum = 0.9
   config.nesterov = True
   config.weight_decay = 1e-4
   config.label_smoothing = 0.1
 
-  # The papers' values (the registry defaults), not the MNIST-1D ones.
-  config.hparams = ml_collections.ConfigDict(methods.default_hparams())
-  config.hparams.sam.rho = 0.05
-  config.hparams.csam.rho = 0.05
   config.hparams.asam.rho = 1.0
   config.hparams.saf.past_epochs = 2
-  config.hparams.mesa.decay = 0.9998
-
-  # One perturbation per device (the SAM paper's m-sharpness on TPUs).
-  config.perturbation = "device"
-  config.batch_splits = 0
 
   config.checkpoint_every_steps = 2000
   config.hessian_iters = 10
   config.hessian_examples = 256
-  return config
+  return base.finish(config, arg)

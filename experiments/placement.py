@@ -1,0 +1,159 @@
+"""Device placement: one device, or data parallel over every device of every process.
+
+With ``config.data_parallel`` and more than one device, the step is a
+``jax.jit`` over a 1-D mesh ``('data',)`` of every device of every process
+(:func:`experiments.distributed.data_mesh`): the state is replicated, each
+global batch is split along its first axis (each process gives its own rows,
+``jax.make_array_from_process_local_data``), and XLA inserts the all-reduce.
+
+``config.perturbation`` says where the SAM family's perturbation is computed
+(m-sharpness; :func:`check_data_layout`): ``'device'`` (default, as in the SAM
+paper: every device's shard of the batch gets its own perturbation,
+``batch_splits`` = the device count, which under this sharding is the
+perturbation of ``pmap`` with each device's local gradient, tested in
+``tests/test_experiments_parallel.py``), ``'global'`` (one perturbation from
+the global batch's gradient) or ``'split'`` (``config.batch_splits`` groups of
+the global batch). The library receives it through
+:meth:`experiments.methods.Context.data_parallel`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from experiments import distributed
+from experiments.checkpoints import UsageError
+
+PERTURBATIONS = ("device", "global", "split")
+
+
+def check_perturbation(config) -> None:
+  """Checks ``perturbation`` and ``batch_splits`` against each other."""
+  perturbation, splits = config.perturbation, config.batch_splits
+  if perturbation not in PERTURBATIONS:
+    raise UsageError(f"unknown perturbation {perturbation!r}; choose one of"
+                     f" {', '.join(PERTURBATIONS)} (device: one per device, as in the SAM"
+                     " paper; global: one for the global batch; split: batch_splits groups).")
+  if isinstance(splits, bool) or not isinstance(splits, int) or splits < 0:
+    raise UsageError(f"batch_splits must be a positive integer, got {splits!r}.")
+  if perturbation == "split":
+    if splits < 1:
+      raise UsageError("perturbation='split' needs batch_splits=M (the number of groups of"
+                       " the global batch, each perturbed with its own gradient).")
+    if config.batch_size % splits:
+      raise UsageError(f"batch_size={config.batch_size} is not divisible by"
+                       f" batch_splits={splits}: the {splits} groups must have equal sizes.")
+  elif splits:
+    raise UsageError(f"batch_splits={splits} applies to perturbation='split' only (this run"
+                     f" has perturbation={perturbation!r}); set --config.perturbation=split.")
+
+
+def check_processes(config, num_processes: int | None) -> None:
+  """Checks that the global batch divides among the processes (each reads its share)."""
+  if num_processes and num_processes > 1 and config.batch_size % num_processes:
+    raise UsageError(f"batch_size={config.batch_size} (the global batch) is not divisible by"
+                     f" the {num_processes} processes: each process reads batch_size /"
+                     " processes examples per step.")
+
+
+def check_data_layout(config, num_devices: int, num_processes: int = 1) -> int | None:
+  """Checks that the global batch divides as the run needs; returns its ``batch_splits``.
+
+  The global batch ``B`` is split across ``num_processes`` (each reads ``B /
+  P`` examples) and, data parallel, across ``num_devices`` (``B / n`` per
+  device). ``config.perturbation`` then gives the SAM family's
+  ``batch_splits`` (``m = B / batch_splits`` examples per perturbation):
+  ``'device'``: ``n`` (None on one device); ``'global'``: None; ``'split'``:
+  ``config.batch_splits`` (None for 1).
+
+  Raises:
+    UsageError: naming the numbers, when one does not divide the other.
+  """
+  check_perturbation(config)
+  check_processes(config, num_processes)
+  batch = config.batch_size
+  if num_processes > 1 and not config.data_parallel:
+    raise UsageError(f"data_parallel=False trains on one device, but this run has"
+                     f" {num_processes} processes; set --config.data_parallel=True.")
+  devices = num_devices if config.data_parallel else 1
+  if devices > 1 and batch % devices:
+    raise UsageError(f"batch_size={batch} is not divisible by the {devices} devices"
+                     f"{f' of the {num_processes} processes' if num_processes > 1 else ''};"
+                     " change it" + (" or set --config.data_parallel=False."
+                                     if num_processes == 1 else "."))
+  if config.perturbation == "device":
+    return devices if devices > 1 else None
+  if config.perturbation == "split":
+    return config.batch_splits if config.batch_splits > 1 else None
+  return None
+
+
+class Placement:
+  """Where the state and the batches live (see the module docstring).
+
+  Evaluation runs per process: a local copy of the weights (:meth:`local`)
+  on this process's devices, the process's share of the split sharded across
+  them, the rows of every process gathered afterwards.
+  """
+
+  def __init__(self, config, pipeline):
+    self.batch_size = pipeline.batch_size
+    self.batch_splits = check_data_layout(config, jax.device_count(), jax.process_count())
+    self.perturbation = config.perturbation
+    self.mesh = None
+    if config.data_parallel and jax.device_count() > 1:
+      self.mesh = distributed.data_mesh()
+      self.replicated = distributed.replicated(self.mesh)
+      self.sharded = distributed.batch_sharded(self.mesh)
+      local_mesh = distributed.data_mesh(jax.local_devices())
+      self.local_replicated = distributed.replicated(local_mesh)
+      self.local_sharded = distributed.batch_sharded(local_mesh)
+
+  def put_state(self, state):
+    """``state`` replicated on every device (unchanged on one device)."""
+    return state if self.mesh is None else distributed.replicate(state, self.replicated)
+
+  def put_batch(self, batch):
+    """This process's rows of a global batch, as one global array per key."""
+    if self.mesh is None:
+      return jax.device_put(batch)
+    return {k: jax.make_array_from_process_local_data(
+        self.sharded, v, (self.batch_size,) + np.shape(v)[1:]) for k, v in batch.items()}
+
+  def jit_step(self, train_step):
+    """The jitted step (it donates the state); data parallel, its outputs stay replicated."""
+    if self.mesh is None:
+      return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, donate_argnums=0, out_shardings=self.replicated)
+
+  def local(self, tree):
+    """This process's copy of replicated weights, on its own devices (for evaluation)."""
+    return tree if self.mesh is None else distributed.local_copy(tree, self.local_replicated)
+
+  def wrap_predict(self, predict):
+    """``predict`` with ``x`` padded and sharded across this process's devices."""
+    if self.mesh is None:
+      return predict
+    devices = jax.local_device_count()
+
+    def sharded_predict(params, batch_stats, x):
+      n = len(x)
+      padding = -n % devices
+      if padding:
+        x = np.concatenate([x, np.zeros((padding,) + x.shape[1:], x.dtype)])
+      return predict(params, batch_stats, jax.device_put(x, self.local_sharded))[:n]
+
+    return sharded_predict
+
+  def describe(self, method) -> dict[str, Any] | None:
+    """The m-sharpness of this run, for ``results.json`` (None without a perturbation)."""
+    if not method.perturbs:
+      return None
+    groups = self.batch_splits or 1
+    return {"perturbation": self.perturbation, "batch_splits": groups,
+            "examples_per_perturbation": self.batch_size // groups,
+            "devices": jax.device_count() if self.mesh is not None else 1,
+            "processes": jax.process_count()}
