@@ -1,0 +1,313 @@
+"""The evidence study: does each seed paper's claim hold here, and how sure are we?
+
+``python -m experiments.study --config=experiments/configs/study.py`` trains
+every arm of the study over the config's seeds (MNIST-1D, generated in memory;
+see ``experiments/configs/study.py`` for the regimes, the papers' defaults and
+the tuning grids) and writes to ``--workdir`` (default
+``experiments/results/study``):
+
+* ``verdicts.md`` -- one row per claim: the claim, the paper's figure, ours
+  (mean ± std over seeds) and the verdict under the rule of
+  :mod:`experiments.verdict`; then every arm's numbers;
+* ``study.json`` -- the same, with every run's numbers;
+* ``lr_window.png``, ``cost.png``, ``reliability_<regime>.png``,
+  ``seeds.png``;
+* ``runs/<arm>/seed<k>/`` -- each run's ``results.json`` (finished runs are
+  reused: rerunning the command resumes an interrupted study).
+
+The cost of each method is not timed here (runs one after the other see a
+machine whose load drifts): it is the gradient evaluations per step that the
+compiled step performs, and the interleaved step-time ratios of
+``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from experiments import input_pipeline, metrics, plots, train
+from experiments import verdict as rule
+from experiments.configs import default as default_config
+
+_METRICS = ("accuracy", "ece", "nll", "hessian", "m_sharpness", "train_accuracy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One trained setting: a method, its hyperparameters and the regime's config.
+
+  Attributes:
+    name: unique name (also the run folder).
+    regime: ``'clean'`` or ``'noisy'`` (a field of the study config).
+    method: the registry's method name.
+    hparams: the method's hyperparameters that differ from the registry's.
+    changes: other fields of the training config (dotted names).
+    label: how tables and figures name the arm.
+  """
+
+  name: str
+  regime: str
+  method: str
+  hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  changes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  label: str = ""
+
+
+def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """``config[key] = value``; a mapping replaces the whole field."""
+  if key not in config:
+    raise KeyError(f"the training config has no field {key!r}; it has {sorted(config)}.")
+  if isinstance(value, Mapping):
+    value = ml_collections.ConfigDict(dict(value))
+  config[key] = value
+
+
+def training_config(study: ml_collections.ConfigDict, arm: Arm, *, seed: int,
+                    data_seed: int) -> ml_collections.ConfigDict:
+  """The training config of one run of ``arm``."""
+  config = default_config.get_config()
+  for key, value in study[arm.regime].items():
+    _set(config, key, value)
+  for key, value in arm.changes.items():
+    _set(config, key, value)
+  config.method = arm.method
+  for key, value in arm.hparams.items():
+    config.hparams[arm.method][key] = value
+  config.seed = seed
+  config.noise_seed = seed
+  config.mnist1d.data_seed = data_seed
+  config.hessian_iters = study.hessian_iters
+  config.hessian_examples = study.sharpness_examples
+  return config
+
+
+# --------------------------------------------------------------------------
+# The arms.
+# --------------------------------------------------------------------------
+
+# Hyperparameters chosen on the tuning draw: (study.grids key, method, hparams of a value).
+_TUNED: dict[str, tuple[str, Callable[[float], dict[str, Any]]]] = {
+    "sam_rho": ("sam", lambda v: {"rho": v}),
+    "csam_rho": ("csam", lambda v: {"rho": v}),
+    "usam_rho": ("usam", lambda v: {"rho": v}),
+    "bsam_rho": ("bsam", lambda v: {"rho": v, "rho_min": v}),
+    "saf_lam": ("saf", lambda v: {"lam": v}),
+    "mesa_decay": ("mesa", lambda v: {"decay": v}),
+}
+
+
+def tuning_arms(study) -> list[tuple[str, float, Arm]]:
+  """``(grid key, value, arm)`` for every value of every grid (clean regime)."""
+  arms = []
+  for key, values in study.grids.items():
+    method, hparams = _TUNED[key]
+    for value in values:
+      arms.append((key, value, Arm(f"tune-{key}-{value:g}", "clean", method, hparams(value))))
+  return arms
+
+
+def study_arms(study, tuned: Mapping[str, float]) -> list[Arm]:
+  """Every arm of the study, given the tuned values."""
+  paper = study.paper
+  epochs = study.clean["num_epochs"]
+  t = {key: _TUNED[key][1](value) for key, value in tuned.items()}
+  clean = [
+      Arm("sgd", "clean", "sgd", label="SGD"),
+      Arm("sgd-2x", "clean", "sgd", changes={"num_epochs": 2 * epochs},
+          label="SGD, 2× epochs"),
+      Arm("sam-paper", "clean", "sam", {"rho": paper.sam_rho}, label=f"SAM ρ={paper.sam_rho:g}"),
+      Arm("sam", "clean", "sam", t["sam_rho"], label=f"SAM ρ={tuned['sam_rho']:g} (tuned)"),
+      Arm("sam-half", "clean", "sam", t["sam_rho"], changes={"num_epochs": max(1, epochs // 2)},
+          label=f"SAM ρ={tuned['sam_rho']:g}, ½ epochs"),
+      Arm("csam-paper", "clean", "csam", {"rho": paper.csam_rho, "gamma": paper.csam_gamma},
+          label=f"CSAM ρ={paper.csam_rho:g}"),
+      Arm("csam", "clean", "csam", {**t["csam_rho"], "gamma": paper.csam_gamma},
+          label=f"CSAM ρ={tuned['csam_rho']:g} (tuned)"),
+      Arm("bsam-paper", "clean", "bsam", {"rho": paper.bsam_rho, "rho_min": paper.bsam_rho},
+          label=f"BSAM ρ={paper.bsam_rho:g}"),
+      Arm("bsam", "clean", "bsam", t["bsam_rho"], label=f"BSAM ρ={tuned['bsam_rho']:g} (tuned)"),
+      Arm("saf-paper", "clean", "saf", {"lam": paper.saf_lam}, label=f"SAF λ={paper.saf_lam:g}"),
+      Arm("saf", "clean", "saf", t["saf_lam"], label=f"SAF λ={tuned['saf_lam']:g} (tuned)"),
+      Arm("mesa-paper", "clean", "mesa", {"lam": paper.mesa_lam, "decay": paper.mesa_decay},
+          label=f"MESA decay={paper.mesa_decay:g}"),
+      Arm("mesa", "clean", "mesa", {"lam": paper.mesa_lam, **t["mesa_decay"]},
+          label=f"MESA decay={tuned['mesa_decay']:g} (tuned)"),
+  ]
+  sweep = []
+  for lr in study.learning_rates:
+    lr_change = {"learning_rate": lr}
+    sweep += [
+        Arm(f"lr{lr:g}-sgd", "clean", "sgd", changes=lr_change, label="SGD"),
+        Arm(f"lr{lr:g}-sam", "clean", "sam", t["sam_rho"], lr_change, "SAM"),
+        Arm(f"lr{lr:g}-usam", "clean", "usam", t["usam_rho"], lr_change, "USAM"),
+        Arm(f"lr{lr:g}-stable-sam", "clean", "stable_sam", {**t["sam_rho"], "normalize": True},
+            lr_change, "StableSAM(SAM)"),
+        Arm(f"lr{lr:g}-stable-usam", "clean", "stable_sam",
+            {**t["usam_rho"], "normalize": False}, lr_change, "StableSAM(USAM)"),
+    ]
+  noisy_epochs = study.noisy["num_epochs"]
+  noisy = [Arm(f"noisy-{m}", "noisy", m, label=m) for m in
+           ("sgd", "sam", "csam", "stable_sam", "bsam", "asam", "gsam", "saf", "mesa")]
+  noisy.insert(1, Arm("noisy-sgd-2x", "noisy", "sgd", changes={"num_epochs": 2 * noisy_epochs},
+                      label="sgd, 2× epochs"))
+  return clean + sweep + noisy
+
+
+# --------------------------------------------------------------------------
+# Running.
+# --------------------------------------------------------------------------
+
+
+def sharpness(config, result, pipeline, *, rho: float, m: int) -> float:
+  """m-sharpness of the evaluated weights on the pipeline's training sample."""
+  model = train.make_model(config, pipeline)
+  params, batch_stats = train.evaluated_weights(train.methods.get_method(config.method),
+                                                result["state"])
+  sample = pipeline.train_sample(config.hessian_examples)
+  x, y = np.asarray(sample["x"]), np.asarray(sample["y"])
+  batches = [(x[i:i + m], y[i:i + m]) for i in range(0, len(y) - m + 1, m)]
+
+  def loss_fn(params, batch):
+    variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {
+        "params": params}
+    return train.cross_entropy(model.apply(variables, batch[0], train=False), batch[1])
+
+  return metrics.m_sharpness(loss_fn, params, batches, rho)
+
+
+def _summary(result, sharp: float) -> dict[str, Any]:
+  test = result["test"]
+  return {
+      "accuracy": test["accuracy"], "ece": test["ece"], "nll": test["nll"],
+      "adaptive_ece": test["adaptive_ece"], "hessian": result["hessian_top_eigenvalue"],
+      "m_sharpness": sharp, "train_accuracy": result["train_sample_accuracy"],
+      "gradients_per_step": result["gradients_per_step"],
+      "forwards_per_step": result["forwards_per_step"], "epochs": result["epochs"],
+      "steps": result["steps"], "hparams": result["hparams"],
+      "reliability_diagram": {k: np.asarray(v).tolist()
+                              for k, v in result["reliability_diagram"].items()},
+      "history": {k: list(v) for k, v in result["history"].items()},
+  }
+
+
+def run_arm(study, arm: Arm, seed: int, data_seed: int, workdir: str,
+            pipelines: dict[Any, Any]) -> dict[str, Any]:
+  """Trains one run (or reads it if finished) and returns its summary."""
+  done = os.path.join(workdir, "summary.json")
+  config = training_config(study, arm, seed=seed, data_seed=data_seed)
+  if os.path.exists(done):
+    with open(done, encoding="utf-8") as stream:
+      summary = json.load(stream)
+    expected = {"hparams": dict(config.hparams[arm.method]) if arm.method in config.hparams
+                else {}, "epochs": config.num_epochs}
+    found = {"hparams": summary["hparams"], "epochs": summary["epochs"]}
+    if json.dumps(found, sort_keys=True) != json.dumps(expected, sort_keys=True):
+      raise ValueError(f"{done} was trained with {found}, but the study now asks for"
+                       f" {expected}; remove that folder to train it again.")
+    return summary
+  data_key = json.dumps({k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
+                         for k in ("dataset", "mnist1d", "label_noise", "noise_seed", "seed",
+                                   "batch_size", "eval_batch_size")}, sort_keys=True, default=str)
+  if data_key not in pipelines:  # a few MB each; at most regimes × seeds × draws
+    pipelines[data_key] = input_pipeline.get_pipeline(config, 0, 1)
+  pipeline = pipelines[data_key]
+  if os.path.isdir(workdir):  # an interrupted run: start it again
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(workdir)
+  result = train.train_and_evaluate(config, workdir, progress=False, pipeline=pipeline)
+  sharp = sharpness(config, result, pipeline, rho=study.m_sharpness_rho, m=study.m_sharpness_m)
+  summary = _summary(result, sharp)
+  train._write_json(done, summary)  # pylint: disable=protected-access
+  return summary
+
+
+def _log(text: str) -> None:
+  print(text, file=sys.stderr, flush=True)
+
+
+def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
+  """Runs (this shard of) the study; with every run done, writes the report."""
+  pipelines: dict[Any, Any] = {}
+  shard, shards = study.shard_index, study.num_shards
+  counter = iter(range(10**9))
+
+  def mine() -> bool:
+    return next(counter) % shards == shard
+
+  # 1. Tuning, on the independent draw.
+  tuning: dict[str, dict[float, float]] = {}
+  waiting = []
+  for key, value, arm in tuning_arms(study):
+    folder = os.path.join(workdir, "runs", "tuning", arm.name)
+    if mine() or os.path.exists(os.path.join(folder, "summary.json")):
+      summary = run_arm(study, arm, study.tuning_seed, study.tuning_data_seed, folder, pipelines)
+      tuning.setdefault(key, {})[value] = summary["accuracy"]
+      _log(f"tuning {arm.name}: test acc {summary['accuracy']:.4f}")
+    else:
+      waiting.append((key, value, os.path.join(folder, "summary.json")))
+  for key, value, done in waiting:  # other shards' tuning runs
+    while not os.path.exists(done):
+      time.sleep(10)
+    with open(done, encoding="utf-8") as stream:
+      tuning.setdefault(key, {})[value] = json.load(stream)["accuracy"]
+  # The best test accuracy on the tuning draw; a tie goes to the first value of the grid.
+  tuned = {key: max(study.grids[key], key=lambda v: tuning[key][v]) for key in tuning}
+  tuned.update(study.fixed)
+  missing_values = sorted(set(_TUNED) - set(tuned))
+  if missing_values:
+    raise ValueError(f"the study needs a grid or a fixed value for {missing_values}.")
+  _log(f"tuned: {tuned}")
+
+  # 2. The study's runs, on the reported draw.
+  results: dict[str, list[dict[str, Any]]] = {}
+  missing = 0
+  arms = study_arms(study, tuned)
+  if study.only_arms:
+    arms = [arm for arm in arms if arm.name in study.only_arms]
+  for arm in arms:
+    for seed in study.seeds:
+      folder = os.path.join(workdir, "runs", arm.name, f"seed{seed}")
+      if mine() or os.path.exists(os.path.join(folder, "summary.json")):
+        summary = run_arm(study, arm, seed, study.data_seed, folder, pipelines)
+        results.setdefault(arm.name, []).append(summary)
+        _log(f"{arm.name} seed {seed}: acc {summary['accuracy']:.4f} ece {summary['ece']:.4f}"
+             f" λ_max {summary['hessian']:.2f} m-sharpness {summary['m_sharpness']:.4f}")
+      else:
+        missing += 1
+  if missing:
+    _log(f"shard {shard}/{shards}: {missing} runs belong to other shards; rerun with"
+         " num_shards=1 once they are done to write the report.")
+    return None
+  from experiments import study_report  # pylint: disable=import-outside-toplevel
+  return study_report.write(study, workdir, arms, results, tuning, tuned)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
+  study = flags.FLAGS.config
+  run_study(study, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  config_flags.DEFINE_config_file(
+      "config", "experiments/configs/study.py", "The study's config file.", lock_config=True)
+  flags.DEFINE_string("workdir", "experiments/results/study", "Where the study writes.")
+  app.run(main)

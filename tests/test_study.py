@@ -1,0 +1,131 @@
+"""The evidence study: its verdict rule, and its config run end to end in a tiny form."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import study, study_report
+from experiments import verdict as rule
+from experiments.configs import study as study_config
+
+
+class TestRule:
+
+  def test_difference_beyond_two_standard_errors_counts(self):
+    # se = hypot(std([1, 2, 3], ddof=1) / sqrt(3), same) = sqrt(2/3) ≈ 0.816.
+    a, b = [1.0, 2.0, 3.0], [3.0, 4.0, 5.0]
+    comparison = rule.compare(b, a, claim="greater")
+    assert comparison.difference == pytest.approx(2.0)
+    assert comparison.standard_error == pytest.approx(np.sqrt(2 / 3))
+    assert comparison.verdict == rule.HOLDS          # 2.0 > 2 × 0.816
+    assert rule.compare(a, b, claim="greater").verdict == rule.FAILS
+    assert rule.compare(a, b, claim="less").verdict == rule.HOLDS
+
+  def test_difference_within_two_standard_errors_is_inconclusive(self):
+    a, b = [1.0, 2.0, 3.0], [2.0, 3.0, 4.0]          # 1.0 < 2 × 0.816
+    assert rule.compare(b, a, claim="greater").verdict == rule.INCONCLUSIVE
+    assert rule.compare(a, b, claim="greater").verdict == rule.INCONCLUSIVE
+
+  def test_threshold_is_strict(self):
+    # Equal spreads s: se = s·sqrt(2/n); a difference of exactly 2 se does not count.
+    a = np.array([0.0, 1.0, 2.0])
+    se = np.sqrt(2 / 3)
+    b = a + 2 * se
+    assert rule.compare(b, a, claim="greater").verdict == rule.INCONCLUSIVE
+    assert rule.compare(b + 1e-9, a, claim="greater").verdict == rule.HOLDS
+
+  def test_bound_and_combination(self):
+    assert rule.at_most(1.00, 0.05, 1.10) == rule.HOLDS
+    assert rule.at_most(1.20, 0.05, 1.10) == rule.FAILS
+    assert rule.at_most(1.08, 0.05, 1.10) == rule.INCONCLUSIVE
+    assert rule.combine([rule.HOLDS, rule.INCONCLUSIVE, rule.FAILS]) == rule.FAILS
+    assert rule.combine([rule.HOLDS, rule.INCONCLUSIVE]) == rule.INCONCLUSIVE
+    assert rule.combine([rule.HOLDS]) == rule.HOLDS
+
+  @pytest.mark.parametrize("a, b, message", [
+      ([1.0], [1.0, 2.0], "at least 2"),
+      ([1.0, float("nan")], [1.0, 2.0], "not finite"),
+  ])
+  def test_bad_input(self, a, b, message):
+    with pytest.raises(ValueError, match=message):
+      rule.compare(a, b, claim="greater")
+
+  def test_bad_claim(self):
+    with pytest.raises(ValueError, match="'greater' or 'less'"):
+      rule.compare([1.0, 2.0], [1.0, 2.0], claim="bigger")
+
+
+def _fake_results(arms, seeds, value):
+  """Every arm's runs with metrics from value(arm, seed)."""
+  results = {}
+  for arm in arms:
+    runs = []
+    for seed in seeds:
+      acc, ece, hess, sharp = value(arm.name, seed)
+      runs.append({"accuracy": acc, "ece": ece, "nll": 0.5, "adaptive_ece": ece,
+                   "hessian": hess, "m_sharpness": sharp, "train_accuracy": 1.0,
+                   "gradients_per_step": 2, "forwards_per_step": 0, "epochs": 60,
+                   "steps": 100, "hparams": {"rho": 0.1}, "history": {}})
+    results[arm.name] = runs
+  return results
+
+
+def test_verdict_rows_read_the_claims_right():
+  config = study_config.get_config()
+  tuned = {"sam_rho": 0.2, "csam_rho": 0.2, "usam_rho": 1.0, "bsam_rho": 0.1, "saf_lam": 1.0,
+           "mesa_decay": 0.99}
+  arms = study.study_arms(config, tuned)
+  ece = {"sgd": 0.15, "sam": 0.10, "csam": 0.05}
+  # SAM beats SGD only for lr ≤ 0.1; StableSAM(SAM) also at 0.2 (a wider window);
+  # USAM and StableSAM(USAM) never.
+  def value(name, seed):
+    noise = 0.001 * seed
+    acc = 0.7 + noise
+    if name.startswith("lr"):
+      lr = float(name[2:].split("-")[0])
+      method = name.split("-", 1)[1]
+      if (method == "sam" and lr <= 0.1) or (method == "stable-sam" and lr <= 0.2):
+        acc += 0.05
+    return acc, ece.get(name.removesuffix("-paper"), 0.15) + noise, 1.0, 0.01
+  results = _fake_results(arms, config.seeds, value)
+  rows = {row.claim: row for row in study_report.verdict_rows(config, results, tuned)}
+  calibration = [r for c, r in rows.items() if c.startswith("CSAM and SAM calibrate")]
+  assert len(calibration) == 2 and all(r.verdict == rule.HOLDS for r in calibration)
+  window_sam = next(r for c, r in rows.items() if c.startswith("SAM beats SGD only"))
+  assert window_sam.verdict == rule.HOLDS
+  assert "SAM {0.01, 0.03, 0.1}" in window_sam.ours
+  assert "StableSAM(SAM) {0.01, 0.03, 0.1, 0.2}" in window_sam.ours
+  window_usam = next(r for c, r in rows.items() if c.startswith("USAM beats SGD only"))
+  assert window_usam.verdict == rule.FAILS          # an empty window
+  flatter = next(r for c, r in rows.items() if c.startswith("SAF is flatter than SGD"))
+  assert flatter.verdict == rule.INCONCLUSIVE       # equal λ_max: the difference does not count
+
+
+def test_tiny_study_runs_end_to_end(tmp_path):
+  config = study_config.get_config("tiny")
+  workdir = str(tmp_path / "study")
+  summary = study.run_study(config, workdir)
+  assert summary is not None
+  assert set(summary["tuning"]) == {"sam_rho"}
+  assert summary["tuned"]["sam_rho"] in config.grids.sam_rho
+  assert summary["tuned"]["csam_rho"] == config.fixed.csam_rho
+  assert set(summary["arms"]) == {"sgd", "sam", "csam"}
+  for arm in summary["arms"].values():
+    assert len(arm["runs"]) == len(config.seeds)
+    for run in arm["runs"]:
+      assert 0.0 <= run["accuracy"] <= 1.0 and np.isfinite(run["m_sharpness"])
+  claims = [v["claim"] for v in summary["verdicts"]]
+  assert any(c.startswith("CSAM and SAM calibrate (clean labels, tuned") for c in claims)
+  text = open(os.path.join(workdir, "verdicts.md"), encoding="utf-8").read()
+  assert "## Verdicts" in text and f"{len(config.seeds)} seeds" in text
+  for figure in ("cost.png", "seeds.png", "reliability_clean.png"):
+    assert os.path.getsize(os.path.join(workdir, figure)) > 0
+  # A second call finds every run done and trains nothing.
+  before = {p: os.path.getmtime(os.path.join(workdir, "runs", p, "seed0", "summary.json"))
+            for p in ("sgd", "sam")}
+  again = study.run_study(config, workdir)
+  assert json.dumps(again["verdicts"]) == json.dumps(summary["verdicts"])
+  for p, mtime in before.items():
+    assert os.path.getmtime(os.path.join(workdir, "runs", p, "seed0", "summary.json")) == mtime
