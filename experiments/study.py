@@ -24,25 +24,18 @@ compiled step performs, and the interleaved step-time ratios of
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from experiments import input_pipeline, metrics, plots, train
-from experiments import verdict as rule
+from experiments import checkpoints, evaluate, input_pipeline, methods, metrics, train
 from experiments.configs import default as default_config
-
-_METRICS = ("accuracy", "ece", "nll", "hessian", "m_sharpness", "train_accuracy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,18 +72,19 @@ def training_config(study: ml_collections.ConfigDict, arm: Arm, *, seed: int,
                     data_seed: int) -> ml_collections.ConfigDict:
   """The training config of one run of ``arm``."""
   config = default_config.get_config()
-  for key, value in study[arm.regime].items():
-    _set(config, key, value)
-  for key, value in arm.changes.items():
-    _set(config, key, value)
-  config.method = arm.method
-  for key, value in arm.hparams.items():
-    config.hparams[arm.method][key] = value
-  config.seed = seed
-  config.noise_seed = seed
-  config.mnist1d.data_seed = data_seed
-  config.hessian_iters = study.hessian_iters
-  config.hessian_examples = study.sharpness_examples
+  with config.unlocked():
+    for key, value in study[arm.regime].items():
+      _set(config, key, value)
+    for key, value in arm.changes.items():
+      _set(config, key, value)
+    config.method = arm.method
+    for key, value in arm.hparams.items():
+      config.hparams[arm.method][key] = value
+    config.seed = seed
+    config.noise_seed = seed
+    config.mnist1d.data_seed = data_seed
+    config.hessian_iters = study.hessian_iters
+    config.hessian_examples = study.sharpness_examples
   return config
 
 
@@ -103,7 +97,7 @@ _TUNED: dict[str, tuple[str, Callable[[float], dict[str, Any]]]] = {
     "sam_rho": ("sam", lambda v: {"rho": v}),
     "csam_rho": ("csam", lambda v: {"rho": v}),
     "usam_rho": ("usam", lambda v: {"rho": v}),
-    "bsam_rho": ("bsam", lambda v: {"rho": v, "rho_min": v}),
+    "bsam_rho": ("bsam", lambda v: {"rho_max": v, "rho_min": v}),
     "saf_lam": ("saf", lambda v: {"lam": v}),
     "mesa_decay": ("mesa", lambda v: {"decay": v}),
 }
@@ -136,7 +130,7 @@ def study_arms(study, tuned: Mapping[str, float]) -> list[Arm]:
           label=f"CSAM ρ={paper.csam_rho:g}"),
       Arm("csam", "clean", "csam", {**t["csam_rho"], "gamma": paper.csam_gamma},
           label=f"CSAM ρ={tuned['csam_rho']:g} (tuned)"),
-      Arm("bsam-paper", "clean", "bsam", {"rho": paper.bsam_rho, "rho_min": paper.bsam_rho},
+      Arm("bsam-paper", "clean", "bsam", {"rho_max": paper.bsam_rho, "rho_min": paper.bsam_rho},
           label=f"BSAM ρ={paper.bsam_rho:g}"),
       Arm("bsam", "clean", "bsam", t["bsam_rho"], label=f"BSAM ρ={tuned['bsam_rho']:g} (tuned)"),
       Arm("saf-paper", "clean", "saf", {"lam": paper.saf_lam}, label=f"SAF λ={paper.saf_lam:g}"),
@@ -171,19 +165,17 @@ def study_arms(study, tuned: Mapping[str, float]) -> list[Arm]:
 # --------------------------------------------------------------------------
 
 
-def sharpness(config, result, pipeline, *, rho: float, m: int) -> float:
+def sharpness(config, state, pipeline, *, rho: float, m: int) -> float:
   """m-sharpness of the evaluated weights on the pipeline's training sample."""
   model = train.make_model(config, pipeline)
-  params, batch_stats = train.evaluated_weights(train.methods.get_method(config.method),
-                                                result["state"])
+  params, batch_stats = evaluate.evaluated_weights(methods.get_method(config.method), state)
   sample = pipeline.train_sample(config.hessian_examples)
   x, y = np.asarray(sample["x"]), np.asarray(sample["y"])
   batches = [(x[i:i + m], y[i:i + m]) for i in range(0, len(y) - m + 1, m)]
 
   def loss_fn(params, batch):
-    variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {
-        "params": params}
-    return train.cross_entropy(model.apply(variables, batch[0], train=False), batch[1])
+    logits = model.apply(evaluate.variables(params, batch_stats), batch[0], train=False)
+    return evaluate.per_example_cross_entropy(logits, batch[1]).mean()
 
   return metrics.m_sharpness(loss_fn, params, batches, rho)
 
@@ -211,9 +203,9 @@ def run_arm(study, arm: Arm, seed: int, data_seed: int, workdir: str,
   if os.path.exists(done):
     with open(done, encoding="utf-8") as stream:
       summary = json.load(stream)
-    expected = {"hparams": dict(config.hparams[arm.method]) if arm.method in config.hparams
-                else {}, "epochs": config.num_epochs}
-    found = {"hparams": summary["hparams"], "epochs": summary["epochs"]}
+    expected = {"hparams": {k: summary["hparams"].get(k) for k in arm.hparams},
+                "epochs": summary["epochs"]}
+    found = {"hparams": dict(arm.hparams), "epochs": config.num_epochs}
     if json.dumps(found, sort_keys=True) != json.dumps(expected, sort_keys=True):
       raise ValueError(f"{done} was trained with {found}, but the study now asks for"
                        f" {expected}; remove that folder to train it again.")
@@ -228,9 +220,10 @@ def run_arm(study, arm: Arm, seed: int, data_seed: int, workdir: str,
     import shutil  # pylint: disable=import-outside-toplevel
     shutil.rmtree(workdir)
   result = train.train_and_evaluate(config, workdir, progress=False, pipeline=pipeline)
-  sharp = sharpness(config, result, pipeline, rho=study.m_sharpness_rho, m=study.m_sharpness_m)
-  summary = _summary(result, sharp)
-  train._write_json(done, summary)  # pylint: disable=protected-access
+  sharp = sharpness(config, result.state, pipeline, rho=study.m_sharpness_rho,
+                    m=study.m_sharpness_m)
+  summary = _summary(result.report, sharp)
+  checkpoints.write_json(done, summary)
   return summary
 
 
