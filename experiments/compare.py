@@ -7,11 +7,13 @@ every method of ``config.methods`` -- SGD, SAM, CSAM, StableSAM, SAF, MESA,
 BSAM, ASAM, GSAM -- and writes to the output folder it prints at the end:
 
 * ``results.md`` -- the table: test accuracy, NLL, ECE (15 bins), adaptive
-  ECE, top Hessian eigenvalue, accuracy on the (noisy) training labels, time
-  per step and its ratio to SGD's;
+  ECE, top Hessian eigenvalue, accuracy on the (noisy) training labels and the
+  gradient evaluations per step (the cost; step times are measured by
+  ``benchmarks/``, methods interleaved, never by back-to-back runs whose
+  machine load drifts);
 * ``results.json`` -- the same numbers with each method's learning curves,
   reliability diagram, hyperparameters, the config and the machine;
-* ``learning_curves.png``, ``reliability_diagrams.png``, ``time_per_step.png``;
+* ``learning_curves.png``, ``reliability_diagrams.png``;
 * ``runs/<method>/`` -- each run's ``results.json`` and checkpoints
   (``--resume`` finishes an interrupted comparison).
 
@@ -46,8 +48,6 @@ _COLUMNS = [
     ("Adaptive ECE (%)", "adaptive_ece", "{:.1f}"),
     ("λ_max (Hessian)", "hessian", "{:.1f}"),
     ("Train acc., noisy labels (%)", "train_accuracy", "{:.1f}"),
-    ("ms / step", "ms_per_step", "{:.2f}"),
-    ("× SGD", "relative_time", "{:.2f}"),
     ("Gradients / step", "passes", "{}"),
 ]
 
@@ -69,8 +69,6 @@ def summarize(name: str, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
       "adaptive_ece": [percent(r["test"]["adaptive_ece"]) for r in runs],
       "hessian": [r["hessian_top_eigenvalue"] for r in runs],
       "train_accuracy": [percent(r["train_sample_accuracy"]) for r in runs],
-      "ms_per_step": [None if r["time_per_step_s"] is None else 1e3 * r["time_per_step_s"]
-                      for r in runs],
   }
   row: dict[str, Any] = {"method": name, "seeds": len(runs),
                          "evaluated": runs[0].get("evaluated", "trained weights")}
@@ -136,8 +134,10 @@ def describe(config, rows, wall_time: float, machine: Mapping[str, Any]) -> str:
       f" (noisy labels, {config.hessian_examples} training examples, evaluation mode) by"
       f" {config.hessian_iters} power iterations. Train acc.: accuracy on the labels the"
       " model was trained on (flipped ones included) of the same examples -- how much of"
-      " the noise it memorized. ms / step: median over epochs of the mean step time"
-      " (after compilation), measured on this machine while it ran; × SGD divides by SGD's.",
+      " the noise it memorized. Gradients / step: the cost in gradient evaluations; step"
+      " times against SGD, measured with the methods interleaved, are in"
+      " benchmarks/RESULTS.md (runs timed one after the other see a machine whose load"
+      " drifts, so they are not compared here).",
   ]
   if evaluated_ema:
     text.append("")
@@ -217,15 +217,10 @@ def compare(config, output_dir: str, *, resume: bool = False,
                                           pipeline=pipelines[seed]).report
       runs.setdefault(name, []).append(result)
       tqdm.write(f"{name:>10} seed {seed}: test acc {result['test']['accuracy']:.3f},"
-                 f" NLL {result['test']['nll']:.3f}, ECE {result['test']['ece']:.3f},"
-                 f" {1e3 * (result['time_per_step_s'] or math.nan):.2f} ms/step")
+                 f" NLL {result['test']['nll']:.3f}, ECE {result['test']['ece']:.3f}")
   wall_time = time.perf_counter() - started
 
   rows = [summarize(name, results) for name, results in runs.items()]
-  sgd = next((r for r in rows if r["method"] == "sgd"), None)
-  for row in rows:
-    row["relative_time"] = (row["ms_per_step"] / sgd["ms_per_step"]) if sgd else math.nan
-    row["relative_time_std"] = math.nan
   machine = machine_info()
   first_seed = {name: results[0] for name, results in runs.items()}
   figures = {
@@ -236,11 +231,6 @@ def compare(config, output_dir: str, *, resume: bool = False,
           {name: r["reliability_diagram"] for name, r in first_seed.items()},
           os.path.join(output_dir, "reliability_diagrams.png")),
   }
-  if sgd and all(math.isfinite(r["relative_time"]) for r in rows):
-    figures["time_per_step"] = plots.plot_bar_chart(
-        {r["method"]: r["relative_time"] for r in rows},
-        os.path.join(output_dir, "time_per_step.png"), "time per step / SGD's",
-        "Cost per step")
   summary = {
       "table": rows,
       "runs": runs,

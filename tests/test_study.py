@@ -129,3 +129,17 @@ def test_tiny_study_runs_end_to_end(tmp_path):
   assert json.dumps(again["verdicts"]) == json.dumps(summary["verdicts"])
   for p, mtime in before.items():
     assert os.path.getmtime(os.path.join(workdir, "runs", p, "seed0", "summary.json")) == mtime
+
+
+def test_readme_shows_the_committed_verdicts():
+  """The README's verdict table is the committed study's, row for row."""
+  root = os.path.join(os.path.dirname(__file__), os.pardir)
+  with open(os.path.join(root, "experiments", "results", "study", "study.json"),
+            encoding="utf-8") as stream:
+    verdicts = json.load(stream)["verdicts"]
+  with open(os.path.join(root, "README.md"), encoding="utf-8") as stream:
+    readme = stream.read()
+  assert len(verdicts) >= 19
+  for row in verdicts:
+    assert f"| {row['claim']} | {row['ours']} | **{row['verdict']}** |" in readme, row["claim"]
+  assert {row["verdict"] for row in verdicts} <= {rule.HOLDS, rule.FAILS, rule.INCONCLUSIVE}
