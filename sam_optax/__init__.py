@@ -17,6 +17,7 @@ from sam_optax._ascent import SAMState
 from sam_optax._bsam import bsam
 from sam_optax._csam import csam
 from sam_optax._esam import ESAMState, esam
+from sam_optax._fsam import FSAMState, fsam
 from sam_optax._gsam import gsam
 from sam_optax._interval import (IntervalState, StochasticState, every_k, interval_sam,
                                  stochastic_sam, with_probability)
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ESAMState",
+    "FSAMState",
     "IntervalState",
     "LookSAMState",
     "MESAState",
@@ -47,6 +49,7 @@ __all__ = [
     "csam",
     "esam",
     "every_k",
+    "fsam",
     "gsam",
     "interval_sam",
     "looksam",

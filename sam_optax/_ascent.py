@@ -246,6 +246,17 @@ def rescale_to_norm(tree: Any, reference: Any, eps: float) -> Any:
   )
 
 
+def moving_average(average: Any, new: Any, decay: jax.Array) -> Any:
+  """``decay · average + (1 − decay) · new`` in float32, in the dtypes of ``average``.
+
+  The EMA of FriendlySAM, VaSSO and MSAM (``decay`` may be traced).
+  """
+  return jax.tree.map(
+      lambda a, x: (decay * jnp.asarray(a, jnp.float32)
+                    + (1.0 - decay) * jnp.asarray(x, jnp.float32)).astype(a.dtype),
+      average, new)
+
+
 def cast_like(tree: Any, like: Any) -> Any:
   """Casts each leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
   return jax.tree.map(lambda x, ref: jnp.asarray(x).astype(ref.dtype), tree, like)

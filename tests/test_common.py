@@ -168,6 +168,7 @@ ROWS = [
                         seed=3),
         zero={"gamma": 1.0}, synced_is_global=False),
     Row("looksam", _method(sam_optax.looksam, rho=0.1, k=2, alpha=0.7)),
+    Row("fsam", _method(sam_optax.fsam, rho=RHO, sigma=1.0, lmbda=0.9)),
     Row("interval_sam", _method(sam_optax.interval_sam, rho=0.1, k=2)),
     # Seed 3 draws a perturbed step 0 (the per-device test looks at step 0).
     Row("stochastic_sam", _method(sam_optax.stochastic_sam, rho=0.1, p=0.5, seed=3)),

@@ -1,0 +1,125 @@
+"""FriendlySAM, VaSSO, WSAM and MSAM against float64 NumPy over several steps.
+
+Each method's reference below is written from the formula of its docstring
+(and the official code it names), independently of JAX; it is run by
+``reference.train`` with momentum SGD and with AdamW as the base, and the
+parameters after every step are compared.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import reference as ref
+import sam_optax
+from sam_cases import jax_problems, make_step, to_numpy
+
+RHO, LR, ADAM_LR, MOMENTUM, WD, STEPS = 0.1, 0.05, 0.01, 0.9, 0.01, 6
+TOL = dict(rtol=1e-5, atol=1e-6)  # float32 against float64, over several steps
+PROBLEMS = {problem.name: problem for problem in jax_problems()}
+# The perturbation masks of the tests: one leaf out (a prefix for the MLP).
+MASKS = {"linear": {"kernel": True, "bias": False},
+         "logistic": {"kernel": False, "bias": True},
+         "mlp": {"hidden": True, "out": False}}
+
+
+def bases():
+  """(optax base, NumPy base) pairs: momentum SGD and AdamW."""
+  return {"sgd": (optax.sgd(LR, momentum=MOMENTUM), ref.SGD(LR, MOMENTUM)),
+          "adamw": (optax.adamw(ADAM_LR, weight_decay=WD),
+                    ref.AdamW(ADAM_LR, weight_decay=WD))}
+
+
+def run(tx, problem, steps=STEPS):
+  """``steps`` steps of ``tx`` (a whole optimizer); the params after each.
+
+  Eager, as in ``test_numerics.py``: on these tiny problems op-by-op dispatch
+  is cheaper than compiling every case; jit is covered by ``test_common``.
+  """
+  step = make_step(tx, problem.loss_fn)
+  params, state = problem.params, tx.init(problem.params)
+  history = []
+  for t in range(steps):
+    params, state = step(params, state, problem.batch(t))
+    history.append(params)
+  return history, state
+
+
+def assert_histories_close(history, expected, tol=None):
+  for got, want in zip(history, expected, strict=True):
+    chex.assert_trees_all_close(to_numpy(got), want, **(tol or TOL))
+
+
+def normalized_ascent(w, d, rho, mask):
+  """``w + ρ m⊙d / (‖m⊙d‖ + δ)``."""
+  d = ref.restrict(d, mask)
+  return ref.add(w, rho / (ref.norm(d) + ref.DELTA), d)
+
+
+CASES = [(problem, base, mask) for problem in PROBLEMS for base in ("sgd", "adamw")
+         for mask in (False, True)]
+IDS = [f"{p}-{b}{'-mask' if m else ''}" for p, b, m in CASES]
+
+
+# --------------------------------------------------------------------------
+# FriendlySAM.
+# --------------------------------------------------------------------------
+
+SIGMA, LMBDA = 0.8, 0.6
+
+
+class FriendlySAM:
+  """``d = g − σ m_prev`` (``d = g`` and ``m = g`` at the first step),
+  ``m ← λ m + (1 − λ) g``, ``g̃ = ∇L(w + ρ d/‖d‖)``."""
+
+  def __init__(self, rho, sigma, lmbda, mask=None):
+    self.rho, self.sigma, self.lmbda, self.mask = rho, sigma, lmbda, mask
+    self.m = None
+
+  def __call__(self, g, w, problem, batch, t):
+    if self.m is None:
+      d, self.m = g, g
+    else:
+      d = ref.add(g, -self.sigma, self.m)
+      self.m = ref.add(ref.scale(self.lmbda, self.m), 1.0 - self.lmbda, g)
+    return problem.grad(normalized_ascent(w, d, self.rho, self.mask), batch)
+
+
+@pytest.mark.parametrize("name, base, masked", CASES, ids=IDS)
+def test_fsam_matches_numpy(name, base, masked):
+  problem = PROBLEMS[name]
+  mask = MASKS[name] if masked else None
+  jax_base, numpy_base = bases()[base]
+  tx = optax.chain(sam_optax.fsam(RHO, sigma=SIGMA, lmbda=LMBDA, loss_fn=problem.loss_fn,
+                                  mask=mask), jax_base)
+  history, state = run(tx, problem)
+  expected = ref.train(problem.numpy, FriendlySAM(RHO, SIGMA, LMBDA, mask), numpy_base, STEPS)
+  assert_histories_close(history, expected)
+  assert int(state[0].count) == STEPS
+
+
+def test_fsam_first_step_is_sam_and_sigma_zero_is_sam():
+  problem = PROBLEMS["mlp"]
+  sgd = lambda: optax.sgd(LR, momentum=MOMENTUM)
+  sam, _ = run(optax.chain(sam_optax.sam(RHO, loss_fn=problem.loss_fn), sgd()), problem, 3)
+  first, _ = run(optax.chain(sam_optax.fsam(RHO, loss_fn=problem.loss_fn), sgd()), problem, 1)
+  chex.assert_trees_all_close(first[0], sam[0], rtol=1e-6, atol=1e-7)
+  plain, _ = run(optax.chain(sam_optax.fsam(RHO, sigma=0.0, loss_fn=problem.loss_fn), sgd()),
+                 problem, 3)
+  chex.assert_trees_all_close(plain, sam, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(sigma=-0.5), ValueError, r"fsam: sigma must be finite and >= 0, got sigma=-0.5"),
+    (dict(lmbda=1.5), ValueError, r"fsam: lmbda must be in \[0.0, 1.0\], got lmbda=1.5"),
+    (dict(lmbda=-0.1), ValueError, r"fsam: lmbda must be in \[0.0, 1.0\]"),
+    (dict(rho=-1.0), ValueError, r"fsam: rho must be finite and >= 0, got rho=-1.0"),
+])
+def test_fsam_errors(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    sam_optax.fsam(**kwargs)
