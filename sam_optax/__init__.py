@@ -27,6 +27,7 @@ from sam_optax._parallel import PerDevice, Perturbation, Splits, Synced
 from sam_optax._saf import SAFState, saf, saf_check, saf_target
 from sam_optax._sam import sam, usam
 from sam_optax._stable import stable_sam
+from sam_optax._vasso import VaSSOState, vasso
 from sam_optax.schedules import rho_schedule_from_lr
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "Splits",
     "StochasticState",
     "Synced",
+    "VaSSOState",
     "asam",
     "bsam",
     "csam",
@@ -68,5 +70,6 @@ __all__ = [
     "stable_sam",
     "stochastic_sam",
     "usam",
+    "vasso",
     "with_probability",
 ]

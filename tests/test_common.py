@@ -169,6 +169,7 @@ ROWS = [
         zero={"gamma": 1.0}, synced_is_global=False),
     Row("looksam", _method(sam_optax.looksam, rho=0.1, k=2, alpha=0.7)),
     Row("fsam", _method(sam_optax.fsam, rho=RHO, sigma=1.0, lmbda=0.9)),
+    Row("vasso", _method(sam_optax.vasso, rho=RHO, theta=0.4)),
     Row("interval_sam", _method(sam_optax.interval_sam, rho=0.1, k=2)),
     # Seed 3 draws a perturbed step 0 (the per-device test looks at step 0).
     Row("stochastic_sam", _method(sam_optax.stochastic_sam, rho=0.1, p=0.5, seed=3)),
@@ -441,7 +442,7 @@ WITH_RADII = [(row.name, radius) for row in ROWS for radius in row.radii]
 @pytest.mark.parametrize("name, radius", WITH_RADII, ids=[f"{n}-{r}" for n, r in WITH_RADII])
 def test_bad_radius(name, radius, value):
   # The wrappers of sam report the error as sam's.
-  method = name if name in ("asam", "gsam", "bsam", "csam", "esam", "looksam") else "sam"
+  method = name if name in ("asam", "gsam", "bsam", "csam", "esam", "looksam", "vasso") else "sam"
   with pytest.raises(ValueError, match=rf"{method}: {radius} must be finite and >= 0, got {radius}="):
     ROWS_BY_NAME[name].build(**{radius: value})
 
@@ -450,6 +451,6 @@ def test_bad_radius(name, radius, value):
 @pytest.mark.parametrize("name", [row.name for row in ROWS if row.eps])
 def test_eps_must_be_positive(name, value):
   method = name if name in ("asam", "gsam", "bsam", "csam", "esam", "looksam",
-                            "stable_sam") else "sam"
+                            "stable_sam", "vasso") else "sam"
   with pytest.raises(ValueError, match=rf"{method}: eps must be finite and > 0, got eps="):
     ROWS_BY_NAME[name].build(eps=value)

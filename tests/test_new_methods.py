@@ -123,3 +123,55 @@ def test_fsam_first_step_is_sam_and_sigma_zero_is_sam():
 def test_fsam_errors(kwargs, error, match):
   with pytest.raises(error, match=match):
     sam_optax.fsam(**kwargs)
+
+
+# --------------------------------------------------------------------------
+# VaSSO.
+# --------------------------------------------------------------------------
+
+THETA = 0.4
+
+
+class VaSSO:
+  """``d ← (1 − θ) d + θ g`` (``d = g`` at the first step), then
+  ``g̃ = ∇L(w + ρ d/‖d‖)``."""
+
+  def __init__(self, rho, theta, mask=None):
+    self.rho, self.theta, self.mask = rho, theta, mask
+    self.d = None
+
+  def __call__(self, g, w, problem, batch, t):
+    self.d = g if self.d is None else ref.add(ref.scale(1.0 - self.theta, self.d), self.theta, g)
+    return problem.grad(normalized_ascent(w, self.d, self.rho, self.mask), batch)
+
+
+@pytest.mark.parametrize("name, base, masked", CASES, ids=IDS)
+def test_vasso_matches_numpy(name, base, masked):
+  problem = PROBLEMS[name]
+  mask = MASKS[name] if masked else None
+  jax_base, numpy_base = bases()[base]
+  tx = optax.chain(sam_optax.vasso(RHO, theta=THETA, loss_fn=problem.loss_fn, mask=mask),
+                   jax_base)
+  history, state = run(tx, problem)
+  expected = ref.train(problem.numpy, VaSSO(RHO, THETA, mask), numpy_base, STEPS)
+  assert_histories_close(history, expected)
+  assert int(state[0].count) == STEPS
+
+
+def test_vasso_theta_one_is_sam():
+  problem = PROBLEMS["mlp"]
+  sgd = lambda: optax.sgd(LR, momentum=MOMENTUM)
+  sam, _ = run(optax.chain(sam_optax.sam(RHO, loss_fn=problem.loss_fn), sgd()), problem, 3)
+  vasso, _ = run(optax.chain(sam_optax.vasso(RHO, theta=1.0, loss_fn=problem.loss_fn), sgd()),
+                 problem, 3)
+  chex.assert_trees_all_close(vasso, sam, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(theta=1.5), r"vasso: theta must be in \[0.0, 1.0\], got theta=1.5"),
+    (dict(theta=-0.1), r"vasso: theta must be in \[0.0, 1.0\], got theta=-0.1"),
+    (dict(rho=-1.0), r"vasso: rho must be finite and >= 0, got rho=-1.0"),
+])
+def test_vasso_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    sam_optax.vasso(**kwargs)
