@@ -28,6 +28,7 @@ from sam_optax._saf import SAFState, saf, saf_check, saf_target
 from sam_optax._sam import sam, usam
 from sam_optax._stable import stable_sam
 from sam_optax._vasso import VaSSOState, vasso
+from sam_optax._wsam import WSAMDecoupledState, wsam, wsam_decoupled
 from sam_optax.schedules import rho_schedule_from_lr
 
 __version__ = "0.1.0"
@@ -46,6 +47,7 @@ __all__ = [
     "StochasticState",
     "Synced",
     "VaSSOState",
+    "WSAMDecoupledState",
     "asam",
     "bsam",
     "csam",
@@ -72,4 +74,6 @@ __all__ = [
     "usam",
     "vasso",
     "with_probability",
+    "wsam",
+    "wsam_decoupled",
 ]

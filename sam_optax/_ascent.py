@@ -694,6 +694,15 @@ def check_inner(method: str, inner: Any) -> optax.GradientTransformationExtraArg
   return optax.with_extra_args_support(inner)
 
 
+def check_base(method: str, base: Any) -> optax.GradientTransformationExtraArgs:
+  """``base`` (a base optimizer) with extra-args support, or a clear TypeError."""
+  if not hasattr(base, "init") or not hasattr(base, "update"):
+    raise TypeError(
+        f"{method}: base_optimizer must be an optax GradientTransformation such"
+        f" as optax.sgd(...) or optax.adamw(...), got {type(base).__name__}.")
+  return optax.with_extra_args_support(base)
+
+
 def check_axis_name(method: str, axis_name: Any) -> None:
   """Raises ``TypeError`` unless ``axis_name`` is a non-empty string or None."""
   if axis_name is not None and (not isinstance(axis_name, str) or not axis_name):

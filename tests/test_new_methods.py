@@ -175,3 +175,105 @@ def test_vasso_theta_one_is_sam():
 def test_vasso_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     sam_optax.vasso(**kwargs)
+
+
+# --------------------------------------------------------------------------
+# WSAM: coupled and decoupled.
+# --------------------------------------------------------------------------
+
+GAMMA = 0.7
+WSAM_ALPHA = GAMMA / (1.0 - GAMMA)
+
+
+def coupled_wsam(mask=None):
+  """``g + α (g̃ − g)`` with SAM's ``g̃``."""
+  def surrogate(g, w, problem, batch, t):
+    sam = problem.grad(normalized_ascent(w, g, RHO, mask), batch)
+    return ref.add(g, WSAM_ALPHA, ref.add(sam, -1.0, g))
+  return surrogate
+
+
+def train_decoupled(problem, base, lr, steps, mask=None):
+  """The decoupled form: ``w ← base(w, g) − η_t α (g̃ − g)``."""
+  params = ref.as_float64(problem.params)
+  state = base.init(params)
+  history = []
+  for t in range(steps):
+    batch = problem.batches[t % len(problem.batches)]
+    g = problem.grad(params, batch)
+    sam = problem.grad(normalized_ascent(params, g, RHO, mask), batch)
+    stepped, state = base.step(params, g, state)
+    params = ref.add(stepped, -ref._value(lr, t) * WSAM_ALPHA, ref.add(sam, -1.0, g))
+    history.append(params)
+  return history
+
+
+@pytest.mark.parametrize("name, base, masked", CASES, ids=IDS)
+def test_wsam_matches_numpy(name, base, masked):
+  problem = PROBLEMS[name]
+  mask = MASKS[name] if masked else None
+  jax_base, numpy_base = bases()[base]
+  tx = optax.chain(sam_optax.wsam(RHO, gamma=GAMMA, loss_fn=problem.loss_fn, mask=mask),
+                   jax_base)
+  history, _ = run(tx, problem)
+  assert_histories_close(history, ref.train(problem.numpy, coupled_wsam(mask), numpy_base,
+                                            STEPS))
+
+
+@pytest.mark.parametrize("name, base, masked", CASES, ids=IDS)
+def test_wsam_decoupled_matches_numpy(name, base, masked):
+  problem = PROBLEMS[name]
+  mask = MASKS[name] if masked else None
+  lr = optax.linear_schedule(LR, LR / 4, STEPS) if base == "sgd" else ADAM_LR
+  jax_base = (optax.sgd(lr, momentum=MOMENTUM) if base == "sgd"
+              else optax.adamw(lr, weight_decay=WD))
+  numpy_base = (ref.SGD(lr, MOMENTUM) if base == "sgd"
+                else ref.AdamW(lr, weight_decay=WD))
+  tx = sam_optax.wsam_decoupled(jax_base, lr, RHO, gamma=GAMMA, loss_fn=problem.loss_fn,
+                                mask=mask)
+  history, state = run(tx, problem)
+  assert_histories_close(history, train_decoupled(problem.numpy, numpy_base, lr, STEPS, mask))
+  assert int(state.sharpness.count) == STEPS
+
+
+def test_decoupled_equals_coupled_under_plain_sgd_only():
+  problem = PROBLEMS["mlp"]
+  make = lambda: sam_optax.wsam(RHO, gamma=GAMMA, loss_fn=problem.loss_fn)
+  coupled, _ = run(optax.chain(make(), optax.sgd(LR)), problem, 3)
+  decoupled, _ = run(sam_optax.wsam_decoupled(optax.sgd(LR), LR, RHO, gamma=GAMMA,
+                                              loss_fn=problem.loss_fn), problem, 3)
+  chex.assert_trees_all_close(decoupled, coupled, rtol=1e-5, atol=1e-6)
+  with_momentum, _ = run(optax.chain(make(), optax.sgd(LR, momentum=MOMENTUM)), problem, 3)
+  decoupled_momentum, _ = run(sam_optax.wsam_decoupled(
+      optax.sgd(LR, momentum=MOMENTUM), LR, RHO, gamma=GAMMA, loss_fn=problem.loss_fn),
+      problem, 3)
+  assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(with_momentum[-1]), jax.tree.leaves(decoupled_momentum[-1]))) > 1e-4
+
+
+def test_wsam_gamma_half_is_sam():
+  problem = PROBLEMS["logistic"]
+  sgd = lambda: optax.sgd(LR, momentum=MOMENTUM)
+  sam, _ = run(optax.chain(sam_optax.sam(RHO, loss_fn=problem.loss_fn), sgd()), problem, 3)
+  wsam, _ = run(optax.chain(sam_optax.wsam(RHO, gamma=0.5, loss_fn=problem.loss_fn), sgd()),
+                problem, 3)
+  chex.assert_trees_all_close(wsam, sam, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make, kwargs, error, match", [
+    ("wsam", dict(gamma=1.0), ValueError, r"wsam: gamma must be in \[0, 1\) .*, got gamma=1.0"),
+    ("wsam", dict(gamma=-0.1), ValueError, r"wsam: gamma must be in \[0, 1\)"),
+    ("wsam", dict(rho=-1.0), ValueError, r"wsam: rho must be finite and >= 0, got rho=-1.0"),
+    ("decoupled", dict(gamma=1.5), ValueError, r"wsam_decoupled: gamma must be in \[0, 1\)"),
+    ("decoupled", dict(learning_rate=float("nan")), ValueError,
+     r"wsam_decoupled: learning_rate must be a finite float or an optax schedule"),
+    ("decoupled", dict(base_optimizer=optax.sgd), TypeError,
+     r"wsam_decoupled: base_optimizer must be an optax GradientTransformation"),
+])
+def test_wsam_errors(make, kwargs, error, match):
+  with pytest.raises(error, match=match):
+    if make == "wsam":
+      sam_optax.wsam(**kwargs)
+    else:
+      sam_optax.wsam_decoupled(**{"base_optimizer": optax.sgd(LR), "learning_rate": LR,
+                                  **kwargs})
