@@ -23,6 +23,7 @@ from sam_optax._interval import (IntervalState, StochasticState, every_k, interv
                                  stochastic_sam, with_probability)
 from sam_optax._looksam import LookSAMState, looksam
 from sam_optax._mesa import MESAState, mesa, mesa_model_state, mesa_params, mesa_target
+from sam_optax._msam import MSAMState, msam, msam_eval_params
 from sam_optax._parallel import PerDevice, Perturbation, Splits, Synced
 from sam_optax._saf import SAFState, saf, saf_check, saf_target
 from sam_optax._sam import sam, usam
@@ -39,6 +40,7 @@ __all__ = [
     "IntervalState",
     "LookSAMState",
     "MESAState",
+    "MSAMState",
     "PerDevice",
     "Perturbation",
     "SAFState",
@@ -62,6 +64,8 @@ __all__ = [
     "mesa_model_state",
     "mesa_params",
     "mesa_target",
+    "msam",
+    "msam_eval_params",
     "not_a_bias",
     "rho_schedule_from_lr",
     "saf",

@@ -175,6 +175,10 @@ ROWS = [
     # coupled surrogate g + α(g̃ − g), so every invariant applies.
     Row("wsam_decoupled", _method(sam_optax.wsam_decoupled, base_optimizer=optax.identity(),
                                   learning_rate=-1.0, rho=RHO, gamma=0.7)),
+    # The whole optimizer around an identity base; it takes no loss (one gradient).
+    Row("msam", lambda problem, perturbation=None, **kw: sam_optax.msam(
+        optax.identity(), **{"rho": RHO, "perturbation": perturbation, **kw}),
+        per_device=False),
     Row("interval_sam", _method(sam_optax.interval_sam, rho=0.1, k=2)),
     # Seed 3 draws a perturbed step 0 (the per-device test looks at step 0).
     Row("stochastic_sam", _method(sam_optax.stochastic_sam, rho=0.1, p=0.5, seed=3)),
@@ -199,7 +203,8 @@ def test_every_public_constructor_has_a_row():
       name for name in sam_optax.__all__
       if callable(getattr(sam_optax, name)) and not isinstance(getattr(sam_optax, name), type)
       and name not in ("not_a_bias", "rho_schedule_from_lr", "saf_check", "saf_target",
-                       "mesa_params", "mesa_model_state", "mesa_target")
+                       "mesa_params", "mesa_model_state", "mesa_target",
+                       "msam_eval_params")
   }
   assert constructors == set(ROWS_BY_NAME)
 

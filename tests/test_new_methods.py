@@ -277,3 +277,88 @@ def test_wsam_errors(make, kwargs, error, match):
     else:
       sam_optax.wsam_decoupled(**{"base_optimizer": optax.sgd(LR), "learning_rate": LR,
                                   **kwargs})
+
+
+# --------------------------------------------------------------------------
+# MSAM.
+# --------------------------------------------------------------------------
+
+MSAM_RHO = 0.3
+
+
+def train_msam(problem, base, rho, mu, steps, mask=None):
+  """The official algorithm with SGD's buffer ``v ← μ v + g`` (a sum, not an
+  EMA) as the direction: ``g = ∇L(w + ε)``, ``w ← base(w, g)``,
+  ``ε = −ρ m⊙v/‖m⊙v‖``. Returns the perturbed and the evaluation weights."""
+  w = ref.as_float64(problem.params)
+  state = base.init(w)
+  v = ref.tree_map(np.zeros_like, w)
+  epsilon = ref.tree_map(np.zeros_like, w)
+  perturbed, evaluation = [], []
+  for t in range(steps):
+    batch = problem.batches[t % len(problem.batches)]
+    g = problem.grad(ref.add(w, 1.0, epsilon), batch)
+    w, state = base.step(w, g, state)
+    v = ref.add(g, mu, v)
+    d = ref.restrict(v, mask)
+    epsilon = ref.scale(-rho / (ref.norm(d) + ref.DELTA), d)
+    perturbed.append(ref.add(w, 1.0, epsilon))
+    evaluation.append(w)
+  return perturbed, evaluation
+
+
+@pytest.mark.parametrize("name, base, masked", CASES, ids=IDS)
+def test_msam_matches_numpy(name, base, masked):
+  problem = PROBLEMS[name]
+  mask = MASKS[name] if masked else None
+  jax_base, numpy_base = bases()[base]
+  tx = sam_optax.msam(jax_base, MSAM_RHO, momentum=MOMENTUM, mask=mask)
+  history, state = run(tx, problem)
+  perturbed, evaluation = train_msam(problem.numpy, numpy_base, MSAM_RHO, MOMENTUM, STEPS, mask)
+  assert_histories_close(history, perturbed)
+  chex.assert_trees_all_close(to_numpy(sam_optax.msam_eval_params(state, history[-1])),
+                              evaluation[-1], **TOL)
+  assert int(state.count) == STEPS
+
+
+def test_msam_costs_one_gradient_and_rho_zero_is_the_base():
+  problem = PROBLEMS["mlp"]
+  base = lambda: optax.sgd(LR, momentum=MOMENTUM)
+  plain, _ = run(base(), problem, 3)
+  zero, state = run(sam_optax.msam(base(), 0.0), problem, 3)
+  chex.assert_trees_all_close(zero, plain, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_equal(sam_optax.msam_eval_params(state, zero[-1]), zero[-1])
+
+
+def test_msam_synced_under_pmap_equals_the_global_batch():
+  problem, devices = PROBLEMS["logistic"], 2
+  single, _ = run(sam_optax.msam(optax.sgd(LR, momentum=MOMENTUM), MSAM_RHO), problem, 3)
+  tx = sam_optax.msam(optax.sgd(LR, momentum=MOMENTUM), MSAM_RHO,
+                      perturbation=sam_optax.Synced("d"))
+  step = jax.pmap(make_step(tx, problem.loss_fn), axis_name="d")
+  replicate = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * devices), tree)
+  params, state = replicate(problem.params), replicate(tx.init(problem.params))
+  for t in range(3):
+    shards = jax.tree.map(lambda x: x.reshape((devices, -1) + x.shape[1:]), problem.batch(t))
+    params, state = step(params, state, shards)
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], params), single[t],
+                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(momentum=1.0), ValueError, r"msam: momentum must be in \[0, 1\), got momentum=1.0"),
+    (dict(rho=-1.0), ValueError, r"msam: rho must be finite and >= 0, got rho=-1.0"),
+    (dict(eps=0.0), ValueError, r"msam: eps must be finite and > 0, got eps=0.0"),
+    (dict(perturbation=sam_optax.PerDevice("d")), TypeError,
+     r"msam: perturbation=PerDevice\(axis_name='d'\) is not supported: MSAM re-evaluates no"),
+    (dict(perturbation=sam_optax.Splits(2)), TypeError, r"msam: perturbation=Splits"),
+    (dict(base_optimizer=optax.sgd), TypeError, r"msam: base_optimizer must be an optax"),
+])
+def test_msam_errors(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    sam_optax.msam(**{"base_optimizer": optax.sgd(LR), **kwargs})
+
+
+def test_msam_eval_params_needs_the_msam_state():
+  with pytest.raises(TypeError, match="msam_eval_params: state must be the MSAMState"):
+    sam_optax.msam_eval_params(optax.sgd(LR).init(jnp.ones(2)), jnp.ones(2))
