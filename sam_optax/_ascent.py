@@ -246,11 +246,16 @@ def rescale_to_norm(tree: Any, reference: Any, eps: float) -> Any:
   )
 
 
-def moving_average(average: Any, new: Any, decay: jax.Array) -> Any:
+def moving_average(average: Any, new: Any, decay: jax.Array,
+                   started: jax.Array | None = None) -> Any:
   """``decay · average + (1 − decay) · new`` in float32, in the dtypes of ``average``.
 
-  The EMA of FriendlySAM, VaSSO and MSAM (``decay`` may be traced).
+  The EMA of FriendlySAM, VaSSO and MSAM (``decay`` may be traced). With
+  ``started`` False the result is ``new``: an EMA that starts as its first
+  value rather than at zero.
   """
+  if started is not None:
+    decay = jnp.where(started, decay, 0.0).astype(jnp.float32)
   return jax.tree.map(
       lambda a, x: (decay * jnp.asarray(a, jnp.float32)
                     + (1.0 - decay) * jnp.asarray(x, jnp.float32)).astype(a.dtype),

@@ -109,11 +109,11 @@ def fsam(
                      started=jnp.zeros([], jnp.bool_))
 
   def rule(grads, state, ascent, *, rho):
-    # At the first step σ and λ act as 0: d = g and m = g.
+    # At the first step σ acts as 0 and m starts as g: d = g and m = g.
     s = jnp.where(state.started, sigma, 0.0).astype(jnp.float32)
-    decay = jnp.where(state.started, lmbda, 0.0).astype(jnp.float32)
     direction = _ascent.scaled_sum(grads, -s, state.momentum, like=grads)
-    momentum = _ascent.moving_average(state.momentum, ascent.mean(grads), decay)
+    momentum = _ascent.moving_average(state.momentum, ascent.mean(grads), lmbda,
+                                      started=state.started)
     surrogate = ascent.gradient_at(ascent.normalized(direction), rho)
     return surrogate, state._replace(momentum=momentum,
                                      started=jnp.ones([], jnp.bool_))

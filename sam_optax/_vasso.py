@@ -102,13 +102,12 @@ def vasso(
                       started=jnp.zeros([], jnp.bool_))
 
   def rule(grads, state, ascent, *, rho):
-    # At the first step the EMA's decay 1 − θ acts as 0: d = g.
-    decay = jnp.where(state.started, 1.0 - theta, 0.0).astype(jnp.float32)
-    direction = _ascent.moving_average(state.direction, grads, decay)
-    surrogate = ascent.gradient_at(ascent.normalized(direction), rho)
-    return surrogate, state._replace(
-        direction=_ascent.moving_average(state.direction, ascent.mean(grads), decay),
-        started=jnp.ones([], jnp.bool_))
+    # d starts as the first gradient; this group's d, and the state's (the mean).
+    ema = lambda g: _ascent.moving_average(state.direction, g, 1.0 - theta,
+                                           started=state.started)
+    surrogate = ascent.gradient_at(ascent.normalized(ema(grads)), rho)
+    return surrogate, state._replace(direction=ema(ascent.mean(grads)),
+                                     started=jnp.ones([], jnp.bool_))
 
   return _ascent.transformation(
       method, rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,

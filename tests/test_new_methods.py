@@ -61,6 +61,14 @@ def normalized_ascent(w, d, rho, mask):
   return ref.add(w, rho / (ref.norm(d) + ref.DELTA), d)
 
 
+def assert_is_sam(make, problem, steps=3):
+  """``chain(make(loss_fn), momentum SGD)`` takes SAM's steps."""
+  sgd = lambda: optax.sgd(LR, momentum=MOMENTUM)
+  sam, _ = run(optax.chain(sam_optax.sam(RHO, loss_fn=problem.loss_fn), sgd()), problem, steps)
+  got, _ = run(optax.chain(make(problem.loss_fn), sgd()), problem, steps)
+  chex.assert_trees_all_close(got, sam, rtol=1e-5, atol=1e-6)
+
+
 CASES = [(problem, base, mask) for problem in PROBLEMS for base in ("sgd", "adamw")
          for mask in (False, True)]
 IDS = [f"{p}-{b}{'-mask' if m else ''}" for p, b, m in CASES]
@@ -105,13 +113,8 @@ def test_fsam_matches_numpy(name, base, masked):
 
 def test_fsam_first_step_is_sam_and_sigma_zero_is_sam():
   problem = PROBLEMS["mlp"]
-  sgd = lambda: optax.sgd(LR, momentum=MOMENTUM)
-  sam, _ = run(optax.chain(sam_optax.sam(RHO, loss_fn=problem.loss_fn), sgd()), problem, 3)
-  first, _ = run(optax.chain(sam_optax.fsam(RHO, loss_fn=problem.loss_fn), sgd()), problem, 1)
-  chex.assert_trees_all_close(first[0], sam[0], rtol=1e-6, atol=1e-7)
-  plain, _ = run(optax.chain(sam_optax.fsam(RHO, sigma=0.0, loss_fn=problem.loss_fn), sgd()),
-                 problem, 3)
-  chex.assert_trees_all_close(plain, sam, rtol=1e-6, atol=1e-7)
+  assert_is_sam(lambda loss_fn: sam_optax.fsam(RHO, loss_fn=loss_fn), problem, steps=1)
+  assert_is_sam(lambda loss_fn: sam_optax.fsam(RHO, sigma=0.0, loss_fn=loss_fn), problem)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -159,12 +162,8 @@ def test_vasso_matches_numpy(name, base, masked):
 
 
 def test_vasso_theta_one_is_sam():
-  problem = PROBLEMS["mlp"]
-  sgd = lambda: optax.sgd(LR, momentum=MOMENTUM)
-  sam, _ = run(optax.chain(sam_optax.sam(RHO, loss_fn=problem.loss_fn), sgd()), problem, 3)
-  vasso, _ = run(optax.chain(sam_optax.vasso(RHO, theta=1.0, loss_fn=problem.loss_fn), sgd()),
-                 problem, 3)
-  chex.assert_trees_all_close(vasso, sam, rtol=1e-6, atol=1e-7)
+  assert_is_sam(lambda loss_fn: sam_optax.vasso(RHO, theta=1.0, loss_fn=loss_fn),
+                PROBLEMS["mlp"])
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -252,12 +251,8 @@ def test_decoupled_equals_coupled_under_plain_sgd_only():
 
 
 def test_wsam_gamma_half_is_sam():
-  problem = PROBLEMS["logistic"]
-  sgd = lambda: optax.sgd(LR, momentum=MOMENTUM)
-  sam, _ = run(optax.chain(sam_optax.sam(RHO, loss_fn=problem.loss_fn), sgd()), problem, 3)
-  wsam, _ = run(optax.chain(sam_optax.wsam(RHO, gamma=0.5, loss_fn=problem.loss_fn), sgd()),
-                problem, 3)
-  chex.assert_trees_all_close(wsam, sam, rtol=1e-5, atol=1e-6)
+  assert_is_sam(lambda loss_fn: sam_optax.wsam(RHO, gamma=0.5, loss_fn=loss_fn),
+                PROBLEMS["logistic"])
 
 
 @pytest.mark.parametrize("make, kwargs, error, match", [
