@@ -69,6 +69,17 @@ def assert_is_sam(make, problem, steps=3):
   chex.assert_trees_all_close(got, sam, rtol=1e-5, atol=1e-6)
 
 
+def check_chained(make, reference, name, base, masked):
+  """``chain(make(loss_fn, mask), base)`` against ``reference.train`` with the
+  NumPy surrogate ``reference(mask)``, on problem ``name``; its final state."""
+  problem = PROBLEMS[name]
+  mask = MASKS[name] if masked else None
+  jax_base, numpy_base = bases()[base]
+  history, state = run(optax.chain(make(problem.loss_fn, mask), jax_base), problem)
+  assert_histories_close(history, ref.train(problem.numpy, reference(mask), numpy_base, STEPS))
+  return state
+
+
 CASES = [(problem, base, mask) for problem in PROBLEMS for base in ("sgd", "adamw")
          for mask in (False, True)]
 IDS = [f"{p}-{b}{'-mask' if m else ''}" for p, b, m in CASES]
@@ -100,14 +111,10 @@ class FriendlySAM:
 
 @pytest.mark.parametrize("name, base, masked", CASES, ids=IDS)
 def test_fsam_matches_numpy(name, base, masked):
-  problem = PROBLEMS[name]
-  mask = MASKS[name] if masked else None
-  jax_base, numpy_base = bases()[base]
-  tx = optax.chain(sam_optax.fsam(RHO, sigma=SIGMA, lmbda=LMBDA, loss_fn=problem.loss_fn,
-                                  mask=mask), jax_base)
-  history, state = run(tx, problem)
-  expected = ref.train(problem.numpy, FriendlySAM(RHO, SIGMA, LMBDA, mask), numpy_base, STEPS)
-  assert_histories_close(history, expected)
+  state = check_chained(
+      lambda loss_fn, mask: sam_optax.fsam(RHO, sigma=SIGMA, lmbda=LMBDA, loss_fn=loss_fn,
+                                           mask=mask),
+      lambda mask: FriendlySAM(RHO, SIGMA, LMBDA, mask), name, base, masked)
   assert int(state[0].count) == STEPS
 
 
@@ -150,14 +157,9 @@ class VaSSO:
 
 @pytest.mark.parametrize("name, base, masked", CASES, ids=IDS)
 def test_vasso_matches_numpy(name, base, masked):
-  problem = PROBLEMS[name]
-  mask = MASKS[name] if masked else None
-  jax_base, numpy_base = bases()[base]
-  tx = optax.chain(sam_optax.vasso(RHO, theta=THETA, loss_fn=problem.loss_fn, mask=mask),
-                   jax_base)
-  history, state = run(tx, problem)
-  expected = ref.train(problem.numpy, VaSSO(RHO, THETA, mask), numpy_base, STEPS)
-  assert_histories_close(history, expected)
+  state = check_chained(
+      lambda loss_fn, mask: sam_optax.vasso(RHO, theta=THETA, loss_fn=loss_fn, mask=mask),
+      lambda mask: VaSSO(RHO, THETA, mask), name, base, masked)
   assert int(state[0].count) == STEPS
 
 
@@ -209,14 +211,9 @@ def train_decoupled(problem, base, lr, steps, mask=None):
 
 @pytest.mark.parametrize("name, base, masked", CASES, ids=IDS)
 def test_wsam_matches_numpy(name, base, masked):
-  problem = PROBLEMS[name]
-  mask = MASKS[name] if masked else None
-  jax_base, numpy_base = bases()[base]
-  tx = optax.chain(sam_optax.wsam(RHO, gamma=GAMMA, loss_fn=problem.loss_fn, mask=mask),
-                   jax_base)
-  history, _ = run(tx, problem)
-  assert_histories_close(history, ref.train(problem.numpy, coupled_wsam(mask), numpy_base,
-                                            STEPS))
+  check_chained(
+      lambda loss_fn, mask: sam_optax.wsam(RHO, gamma=GAMMA, loss_fn=loss_fn, mask=mask),
+      coupled_wsam, name, base, masked)
 
 
 @pytest.mark.parametrize("name, base, masked", CASES, ids=IDS)
