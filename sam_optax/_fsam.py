@@ -72,7 +72,8 @@ def fsam(
   Args:
     rho: ρ ≥ 0, a float or an optax schedule.
     sigma: σ ≥ 0, the weight of the subtracted EMA (1 in the paper).
-    lmbda: λ ∈ [0, 1], the EMA's decay (0.9 to 0.95 in the paper).
+    lmbda: λ ∈ [0, 1], the EMA's decay (0.6 and 0.95 in the official runs'
+      logs, with σ = 1).
     loss_fn, has_aux, perturbation, mask, eps: see :func:`sam_optax.sam`.
 
   Returns:

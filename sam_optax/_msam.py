@@ -107,8 +107,9 @@ def msam(
   Args:
     base_optimizer: the base optimizer (``optax.sgd(lr, momentum=0.9)`` or
       ``optax.adamw(...)`` in the paper).
-    rho: ρ ≥ 0, a float or an optax schedule (the official defaults are 0.3
-      with SGD and 1 with AdamW: ‖ε‖ is compared to a step, not to ``g``).
+    rho: ρ ≥ 0, a float or an optax schedule. The official constructors
+      default to 0.3 (SGD) and 1 (AdamW), and its README's runs use ρ = 3,
+      larger than SAM's: ‖ε‖ is measured against steps of the momentum.
     momentum: μ ∈ [0, 1), the EMA's decay; the base's momentum (or ``b1``)
       for the official algorithm.
     perturbation: None or ``sam_optax.Synced(axis_name)``.

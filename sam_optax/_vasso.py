@@ -38,7 +38,7 @@ def vasso(
     mask: Mask | None = None,
     eps: float = _ascent.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Variance-suppressed SAM (Li & Giannakis, NeurIPS 2023, arXiv:2309.14000).
+  r"""Variance-suppressed SAM (Li & Giannakis, NeurIPS 2023, arXiv:2309.15639).
 
   The ascent follows an EMA of the gradients instead of the single,
   noisy ``g_t = ∇L(w_t)``:
@@ -65,8 +65,8 @@ def vasso(
 
   Args:
     rho: ρ ≥ 0, a float or an optax schedule.
-    theta: θ ∈ [0, 1], the weight of the new gradient (0.4 to 0.9 in the
-      paper's experiments).
+    theta: θ ∈ [0, 1], the weight of the new gradient (0.9 in the official
+      README's example).
     loss_fn, has_aux, perturbation, mask, eps: see :func:`sam_optax.sam`.
 
   Returns:
@@ -75,7 +75,7 @@ def vasso(
 
   References:
     Li & Giannakis, `Enhancing Sharpness-Aware Optimization Through Variance
-    Suppression <https://arxiv.org/abs/2309.14000>`_, NeurIPS 2023; code
+    Suppression <https://arxiv.org/abs/2309.15639>`_, NeurIPS 2023; code
     https://github.com/BingcongLi/VaSSO.
 
   Example:
