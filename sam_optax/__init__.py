@@ -17,24 +17,30 @@ from sam_optax._ascent import SAMState
 from sam_optax._bsam import bsam
 from sam_optax._csam import csam
 from sam_optax._esam import ESAMState, esam
+from sam_optax._fsam import FSAMState, fsam
 from sam_optax._gsam import gsam
 from sam_optax._interval import (IntervalState, StochasticState, every_k, interval_sam,
                                  stochastic_sam, with_probability)
 from sam_optax._looksam import LookSAMState, looksam
 from sam_optax._mesa import MESAState, mesa, mesa_model_state, mesa_params, mesa_target
+from sam_optax._msam import MSAMState, msam, msam_eval_params
 from sam_optax._parallel import PerDevice, Perturbation, Splits, Synced
 from sam_optax._saf import SAFState, saf, saf_check, saf_target
 from sam_optax._sam import sam, usam
 from sam_optax._stable import stable_sam
+from sam_optax._vasso import VaSSOState, vasso
+from sam_optax._wsam import WSAMDecoupledState, wsam, wsam_decoupled
 from sam_optax.schedules import rho_schedule_from_lr
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ESAMState",
+    "FSAMState",
     "IntervalState",
     "LookSAMState",
     "MESAState",
+    "MSAMState",
     "PerDevice",
     "Perturbation",
     "SAFState",
@@ -42,11 +48,14 @@ __all__ = [
     "Splits",
     "StochasticState",
     "Synced",
+    "VaSSOState",
+    "WSAMDecoupledState",
     "asam",
     "bsam",
     "csam",
     "esam",
     "every_k",
+    "fsam",
     "gsam",
     "interval_sam",
     "looksam",
@@ -55,6 +64,8 @@ __all__ = [
     "mesa_model_state",
     "mesa_params",
     "mesa_target",
+    "msam",
+    "msam_eval_params",
     "not_a_bias",
     "rho_schedule_from_lr",
     "saf",
@@ -65,5 +76,8 @@ __all__ = [
     "stable_sam",
     "stochastic_sam",
     "usam",
+    "vasso",
     "with_probability",
+    "wsam",
+    "wsam_decoupled",
 ]

@@ -246,6 +246,22 @@ def rescale_to_norm(tree: Any, reference: Any, eps: float) -> Any:
   )
 
 
+def moving_average(average: Any, new: Any, decay: jax.Array,
+                   started: jax.Array | None = None) -> Any:
+  """``decay · average + (1 − decay) · new`` in float32, in the dtypes of ``average``.
+
+  The EMA of FriendlySAM, VaSSO and MSAM (``decay`` may be traced). With
+  ``started`` False the result is ``new``: an EMA that starts as its first
+  value rather than at zero.
+  """
+  if started is not None:
+    decay = jnp.where(started, decay, 0.0).astype(jnp.float32)
+  return jax.tree.map(
+      lambda a, x: (decay * jnp.asarray(a, jnp.float32)
+                    + (1.0 - decay) * jnp.asarray(x, jnp.float32)).astype(a.dtype),
+      average, new)
+
+
 def cast_like(tree: Any, like: Any) -> Any:
   """Casts each leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
   return jax.tree.map(lambda x, ref: jnp.asarray(x).astype(ref.dtype), tree, like)
@@ -672,6 +688,15 @@ def check_inner(method: str, inner: Any) -> optax.GradientTransformationExtraArg
         f"{method}: inner must be an optax GradientTransformation of this"
         f" family such as sam_optax.sam(...), got {type(inner).__name__}.")
   return optax.with_extra_args_support(inner)
+
+
+def check_base(method: str, base: Any) -> optax.GradientTransformationExtraArgs:
+  """``base`` (a base optimizer) with extra-args support, or a clear TypeError."""
+  if not hasattr(base, "init") or not hasattr(base, "update"):
+    raise TypeError(
+        f"{method}: base_optimizer must be an optax GradientTransformation such"
+        f" as optax.sgd(...) or optax.adamw(...), got {type(base).__name__}.")
+  return optax.with_extra_args_support(base)
 
 
 def check_axis_name(method: str, axis_name: Any) -> None:

@@ -168,6 +168,17 @@ ROWS = [
                         seed=3),
         zero={"gamma": 1.0}, synced_is_global=False),
     Row("looksam", _method(sam_optax.looksam, rho=0.1, k=2, alpha=0.7)),
+    Row("fsam", _method(sam_optax.fsam, rho=RHO, sigma=1.0, lmbda=0.9)),
+    Row("vasso", _method(sam_optax.vasso, rho=RHO, theta=0.4)),
+    Row("wsam", _method(sam_optax.wsam, rho=RHO, gamma=0.7)),
+    # An identity base with learning rate -1 makes the decoupled update the
+    # coupled surrogate g + α(g̃ − g), so every invariant applies.
+    Row("wsam_decoupled", _method(sam_optax.wsam_decoupled, base_optimizer=optax.identity(),
+                                  learning_rate=-1.0, rho=RHO, gamma=0.7)),
+    # The whole optimizer around an identity base; it takes no loss (one gradient).
+    Row("msam", lambda problem, perturbation=None, **kw: sam_optax.msam(
+        optax.identity(), **{"rho": RHO, "perturbation": perturbation, **kw}),
+        per_device=False),
     Row("interval_sam", _method(sam_optax.interval_sam, rho=0.1, k=2)),
     # Seed 3 draws a perturbed step 0 (the per-device test looks at step 0).
     Row("stochastic_sam", _method(sam_optax.stochastic_sam, rho=0.1, p=0.5, seed=3)),
@@ -192,7 +203,8 @@ def test_every_public_constructor_has_a_row():
       name for name in sam_optax.__all__
       if callable(getattr(sam_optax, name)) and not isinstance(getattr(sam_optax, name), type)
       and name not in ("not_a_bias", "rho_schedule_from_lr", "saf_check", "saf_target",
-                       "mesa_params", "mesa_model_state", "mesa_target")
+                       "mesa_params", "mesa_model_state", "mesa_target",
+                       "msam_eval_params")
   }
   assert constructors == set(ROWS_BY_NAME)
 
@@ -440,7 +452,8 @@ WITH_RADII = [(row.name, radius) for row in ROWS for radius in row.radii]
 @pytest.mark.parametrize("name, radius", WITH_RADII, ids=[f"{n}-{r}" for n, r in WITH_RADII])
 def test_bad_radius(name, radius, value):
   # The wrappers of sam report the error as sam's.
-  method = name if name in ("asam", "gsam", "bsam", "csam", "esam", "looksam") else "sam"
+  method = name if name in ("asam", "gsam", "bsam", "csam", "esam", "looksam", "vasso",
+                                "wsam_decoupled") else "sam"
   with pytest.raises(ValueError, match=rf"{method}: {radius} must be finite and >= 0, got {radius}="):
     ROWS_BY_NAME[name].build(**{radius: value})
 
@@ -449,6 +462,6 @@ def test_bad_radius(name, radius, value):
 @pytest.mark.parametrize("name", [row.name for row in ROWS if row.eps])
 def test_eps_must_be_positive(name, value):
   method = name if name in ("asam", "gsam", "bsam", "csam", "esam", "looksam",
-                            "stable_sam") else "sam"
+                            "stable_sam", "vasso", "wsam_decoupled") else "sam"
   with pytest.raises(ValueError, match=rf"{method}: eps must be finite and > 0, got eps="):
     ROWS_BY_NAME[name].build(eps=value)
