@@ -234,6 +234,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            defaults={"rho_min": 0.05}, follow_lr={"rho": "rho_min"}),
     Method("bsam", sam_optax.bsam, "bilateral SAM, Deng et al. 2024", gradients=3,
            follow_lr={"rho_min": None}),
+    Method("fsam", sam_optax.fsam, "FriendlySAM, Li et al. 2024"),
+    Method("vasso", sam_optax.vasso, "variance-suppressed SAM, Li & Giannakis 2023"),
+    Method("wsam", sam_optax.wsam, "weighted SAM (coupled form), Yue et al. 2023"),
     Method("esam", sam_optax.esam, "efficient SAM (SWP + SDS), Du et al. 2022",
            gradients=lambda h: 1 + h["gamma"], forwards=1, step=ESAM),
     Method("saf", sam_optax.saf, "SAF (trajectory loss, logit bank), Du et al. 2022",
@@ -242,7 +245,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            gradients=1, forwards=1, step=MESA, defaults={"start_epoch": None}),
 ]}
 """The methods, by name. ``start_epoch=None`` (SAF, MESA): 30 % of the epochs, the
-paper's rule."""
+paper's rule. ``wsam_decoupled`` and ``msam`` are not rows: each wraps the base
+optimizer itself (and MSAM changes which weights the gradient is taken at), so
+they do not fit a transform chained before the trainer's base optimizer."""
 
 
 def _accepted(fn) -> set[str]:

@@ -246,7 +246,7 @@ def rescale_to_norm(tree: Any, reference: Any, eps: float) -> Any:
   )
 
 
-def moving_average(average: Any, new: Any, decay: jax.Array,
+def moving_average(average: Any, new: Any, decay: float | jax.Array,
                    started: jax.Array | None = None) -> Any:
   """``decay · average + (1 − decay) · new`` in float32, in the dtypes of ``average``.
 
@@ -456,7 +456,8 @@ class Ascent:
 
   Attributes:
     params: ``w``, the current weights.
-    gradient_fn: ``∇L`` at a point (every leaf), the extra arguments bound.
+    gradient_fn: ``∇L`` at a point (every leaf), the extra arguments bound
+      (None for a method that re-evaluates nothing, such as ``msam``).
     mask: a bool pytree like ``params`` (None: every leaf is perturbed).
     eps: δ, added to norms in divisions.
     mean: the average over the groups that perturb separately (the devices
@@ -467,7 +468,7 @@ class Ascent:
   """
 
   params: optax.Params
-  gradient_fn: GradientFn
+  gradient_fn: GradientFn | None
   mask: Any
   eps: float
   mean: Callable[[Any], Any]
@@ -484,6 +485,8 @@ class Ascent:
 
   def gradient_at(self, direction: Any, scale: jax.Array) -> optax.Updates:
     """``∇L(w + scale · m ⊙ direction)``, the gradient at the perturbed point."""
+    if self.gradient_fn is None:
+      raise ValueError("this method re-evaluates no gradient (Ascent built without gradient_fn).")
     return self.gradient_fn(ascent_point(self.params, self.restrict(direction), scale))
 
 

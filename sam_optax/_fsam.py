@@ -23,7 +23,7 @@ class FSAMState(NamedTuple):
       sets ``m`` to that step's gradient).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   momentum: optax.Updates
   started: jax.Array
 

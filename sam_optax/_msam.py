@@ -24,7 +24,7 @@ class MSAMState(NamedTuple):
     base: the base optimizer's state.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   momentum: optax.Updates
   perturbation: optax.Updates
   base: optax.OptState

@@ -23,7 +23,7 @@ class VaSSOState(NamedTuple):
       which sets ``d`` to that step's gradient).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   direction: optax.Updates
   started: jax.Array
 

@@ -98,4 +98,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.m_sharpness_m = 50
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; use '' or 'tiny'.")
+  config.lock()  # a mistyped field is an error
   return config
