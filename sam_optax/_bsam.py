@@ -34,6 +34,9 @@ def bsam(
   with the learning rate: pass ``rho_min=sam_optax.rho_schedule_from_lr(lr,
   rho_max=0.05, rho_min=0.0, lr_max=lr_max)``.
 
+  This is *bilateral* SAM. It is not Bayesian SAM (bSAM, Möllenhoff & Khan,
+  ICLR 2023), which other libraries also call "BSAM".
+
   The step is applied at ``w``. The authors' PyTorch code never restores
   ``w`` after the min pass (an aliasing bug), so its published runs step from
   ``w − ρ_min,t · n`` instead; this implementation follows the formula.
