@@ -1,4 +1,4 @@
-"""Figures of the comparison: learning curves, reliability diagrams, bar charts.
+"""Figures of the comparison: learning curves and reliability diagrams.
 
 Every function draws on a fresh :class:`matplotlib.figure.Figure` rendered by
 the Agg canvas (no display and no global ``pyplot`` state or backend switch,
@@ -21,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-__all__ = ["plot_learning_curves", "plot_reliability_diagrams", "plot_bar_chart"]
+__all__ = ["plot_learning_curves", "plot_reliability_diagrams", "save_figure"]
 
 # The keys of a history in the order the panels are drawn; others follow in
 # the order they are first seen.
@@ -62,13 +62,17 @@ def _series(where: str, values: Any) -> np.ndarray:
   return array
 
 
-def _save(figure: Figure, path: str | os.PathLike[str]) -> str:
+def save_figure(figure: Figure, path: str | os.PathLike[str], *, tight: bool = False) -> str:
+  """Renders ``figure`` with the Agg canvas to ``path`` (parents created); returns ``path``.
+
+  ``tight``: crop to the drawn content (for legends placed outside the axes).
+  """
   path = os.fspath(path)
   parent = os.path.dirname(path)
   if parent:
     os.makedirs(parent, exist_ok=True)
   FigureCanvasAgg(figure)
-  figure.savefig(path, dpi=120)
+  figure.savefig(path, dpi=120, bbox_inches="tight" if tight else None)
   return path
 
 
@@ -156,7 +160,7 @@ def plot_learning_curves(
     ax.set_visible(False)
   handles = [Line2D([], [], color=colors[m], linewidth=2) for m in checked]
   figure.legend(handles, list(checked), loc="outside right upper", title="method")
-  return _save(figure, path)
+  return save_figure(figure, path)
 
 
 def plot_reliability_diagrams(
@@ -244,61 +248,4 @@ def plot_reliability_diagrams(
       ax.legend(loc="upper left", fontsize="small")
   for ax in axes[len(checked):]:
     ax.set_visible(False)
-  return _save(figure, path)
-
-
-def plot_bar_chart(
-    values: Mapping[str, float],
-    path: str | os.PathLike[str],
-    ylabel: str,
-    title: str,
-) -> str:
-  """A bar chart of one number per name (e.g. each method's time per step over SGD's).
-
-  Args:
-    values: ``{name: value}``, finite numbers, drawn in the given order with
-      the value printed above each bar.
-    path: the output file (``.png``).
-    ylabel: the y-axis label.
-    title: the figure title.
-
-  Returns:
-    ``path``, as a string.
-
-  Raises:
-    ValueError: if ``values`` is empty or a value is not a finite number.
-
-  Example:
-    >>> import tempfile, os
-    >>> from experiments import plots
-    >>> out = os.path.join(tempfile.mkdtemp(), "cost.png")
-    >>> plots.plot_bar_chart({"sgd": 1.0, "sam": 2.0}, out, "time / SGD", "Cost") == out
-    True
-  """
-  if not values:
-    raise ValueError("plot_bar_chart: values is empty; pass {name: number}.")
-  names = [str(name) for name in values]
-  numbers = []
-  for name, value in values.items():
-    try:
-      number = float(value)
-    except (TypeError, ValueError):
-      number = math.nan
-    if not math.isfinite(number):
-      raise ValueError(f"plot_bar_chart: values[{name!r}] must be a finite number, got {value!r}.")
-    numbers.append(number)
-
-  figure = Figure(figsize=(max(4.0, 0.8 * len(names) + 1.5), 3.8), layout="constrained")
-  ax = figure.subplots()
-  bars = ax.bar(names, numbers, color=_colors(len(names)), edgecolor="black", linewidth=0.6)
-  ax.bar_label(bars, labels=[f"{v:.3g}" for v in numbers], padding=2, fontsize="small")
-  ax.set_ylabel(ylabel)
-  ax.set_title(title)
-  ax.axhline(0.0, color="black", linewidth=0.8)
-  ax.margins(y=0.15)
-  ax.grid(True, axis="y", alpha=0.3)
-  if len(names) > 6 or max(len(n) for n in names) > 8:
-    for label in ax.get_xticklabels():
-      label.set_rotation(30)
-      label.set_horizontalalignment("right")
-  return _save(figure, path)
+  return save_figure(figure, path)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -203,12 +204,12 @@ def run_arm(study, arm: Arm, seed: int, data_seed: int, workdir: str,
   if os.path.exists(done):
     with open(done, encoding="utf-8") as stream:
       summary = json.load(stream)
-    expected = {"hparams": {k: summary["hparams"].get(k) for k in arm.hparams},
-                "epochs": summary["epochs"]}
-    found = {"hparams": dict(arm.hparams), "epochs": config.num_epochs}
-    if json.dumps(found, sort_keys=True) != json.dumps(expected, sort_keys=True):
-      raise ValueError(f"{done} was trained with {found}, but the study now asks for"
-                       f" {expected}; remove that folder to train it again.")
+    trained = {"hparams": {k: summary["hparams"].get(k) for k in arm.hparams},
+               "epochs": summary["epochs"]}
+    asked = {"hparams": dict(arm.hparams), "epochs": config.num_epochs}
+    if json.dumps(trained, sort_keys=True) != json.dumps(asked, sort_keys=True):
+      raise ValueError(f"{done} was trained with {trained}, but the study now asks for"
+                       f" {asked}; remove that folder to train it again.")
     return summary
   data_key = json.dumps({k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k]
                          for k in ("dataset", "mnist1d", "label_noise", "noise_seed", "seed",
@@ -217,7 +218,6 @@ def run_arm(study, arm: Arm, seed: int, data_seed: int, workdir: str,
     pipelines[data_key] = input_pipeline.get_pipeline(config, 0, 1)
   pipeline = pipelines[data_key]
   if os.path.isdir(workdir):  # an interrupted run: start it again
-    import shutil  # pylint: disable=import-outside-toplevel
     shutil.rmtree(workdir)
   result = train.train_and_evaluate(config, workdir, progress=False, pipeline=pipeline)
   sharp = sharpness(config, result.state, pipeline, rho=study.m_sharpness_rho,

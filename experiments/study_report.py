@@ -7,13 +7,12 @@ import json
 import math
 import os
 import platform
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import matplotlib
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from experiments import plots
@@ -84,10 +83,6 @@ def _at_least(results, a, b, metric, text) -> tuple[str, str]:
 
 def _row(claim, paper, ours, parts) -> Row:
   return Row(claim, paper, ours, rule.combine([v for v, _ in parts]), [d for _, d in parts])
-
-
-def _arm_label(results, arm):
-  return arm
 
 
 def window(results: Results, base: str, lrs: Sequence[float], method: str) -> list[float]:
@@ -240,12 +235,6 @@ def verdict_rows(study, results: Results, tuned: Mapping[str, float]) -> list[Ro
 # --------------------------------------------------------------------------
 
 
-def _save(figure: Figure, path: str) -> str:
-  FigureCanvasAgg(figure)
-  figure.savefig(path, dpi=110, bbox_inches="tight")
-  return path
-
-
 def plot_lr_window(study, results: Results, path: str) -> str:
   lrs = list(study.learning_rates)
   figure = Figure(figsize=(6.5, 4.2))
@@ -265,7 +254,7 @@ def plot_lr_window(study, results: Results, path: str) -> str:
   ax.set_title(f"Learning-rate window (clean MNIST-1D, MLP; mean ± std, {len(study.seeds)} seeds)")
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
-  return _save(figure, path)
+  return plots.save_figure(figure, path, tight=True)
 
 
 def _relative_compute(result: Mapping[str, Any], sgd_epochs: int) -> float:
@@ -295,7 +284,7 @@ def plot_cost(study, results: Results, labels: Mapping[str, str], path: str) -> 
   figure.axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
   figure.suptitle(f"Clean MNIST-1D, MLP: accuracy and calibration against cost"
                   f" (mean ± std, {len(study.seeds)} seeds)")
-  return _save(figure, path)
+  return plots.save_figure(figure, path, tight=True)
 
 
 def plot_seeds(results: Results, arms: Sequence[str], path: str, title: str) -> str:
@@ -310,7 +299,7 @@ def plot_seeds(results: Results, arms: Sequence[str], path: str, title: str) -> 
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(title)
   ax.grid(alpha=0.3, axis="y")
-  return _save(figure, path)
+  return plots.save_figure(figure, path, tight=True)
 
 
 # --------------------------------------------------------------------------
