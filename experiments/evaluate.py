@@ -148,6 +148,7 @@ def final_report(config, run, state, pipeline, loop) -> dict[str, Any]:
       "gradients_per_step": method.gradients_per_step(run.hparams) + (1 if splits else 0),
       "forwards_per_step": method.forwards,
       "m_sharpness": run.placement.describe(method),
+      "phase": run.phase,  # LookSAM / interval / stochastic SAM: 'static' or 'cond'
       "history": loop.history,
       "reliability_diagram": {k: np.asarray(v) for k, v in diagram.items()},
       "config": config.to_dict(),

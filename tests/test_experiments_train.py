@@ -97,6 +97,19 @@ def test_every_method_trains_and_reports(name, trained):
   chex.assert_tree_all_finite(results["state"].params)
 
 
+def test_cheap_phase_is_static_on_cpu_and_equals_the_conditional(tmp_path, trained):
+  """LookSAM's two compiled steps (the trainer's CPU form) = its lax.cond step."""
+  static = trained["looksam"][0]
+  assert static["phase"] == "static" and trained["sam"][0]["phase"] is None
+  cond = run(tiny_config(method="looksam", num_epochs=EPOCHS, phase="cond"), tmp_path)
+  assert cond["phase"] == "cond"
+  chex.assert_trees_all_close(cond["state"].params, static["state"].params,
+                              rtol=1e-5, atol=1e-6)
+  assert int(cond["state"].opt_state[0].count) == 5 * EPOCHS
+  with pytest.raises(train.UsageError, match="phase='static' applies to"):
+    run(tiny_config(method="sam", phase="static"), tmp_path / "sam")
+
+
 @pytest.mark.parametrize("name", ["saf", "mesa"])
 def test_trajectory_methods_with_lambda_zero_equal_sgd(name, tmp_path, trained):
   """λ = 0: SAF / MESA change nothing else in the step (bit-exact SGD)."""
@@ -367,6 +380,7 @@ def _fails(argv, capsys, *fragments):
     (["--config.dataset=mnist2d"], ["unknown dataset 'mnist2d'", "cifar10"]),
     (["--config.model=resnet7"], ["unknown model 'resnet7'"]),
     (["--config.label_noise=1.5"], ["label_noise must be in [0, 1]"]),
+    (["--config.phase=dynamic"], ["unknown phase 'dynamic'", "auto, static, cond"]),
     (["--config=/nonexistent/config.py"], ["No such file or directory"]),
     (["--config=experiments/configs/default.py:small"], ["unknown config argument 'small'"]),
     (["--nonsense=1"], ["Unknown command line flag 'nonsense'"]),
