@@ -22,6 +22,9 @@ from experiments import checkpoints, input_pipeline, methods, models, train
 from experiments import main as cli
 from experiments.configs import default
 
+# Its module-scoped fixtures are expensive: one xdist worker runs the whole file.
+pytestmark = pytest.mark.xdist_group("test_experiments_train")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "experiments", "configs")
 
