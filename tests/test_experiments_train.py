@@ -21,6 +21,7 @@ import pytest
 from experiments import checkpoints, input_pipeline, methods, models, train
 from experiments import main as cli
 from experiments.configs import default
+from xla_cache import compilation_cache  # noqa: F401  (autouse)
 
 # Its module-scoped fixtures are expensive: one xdist worker runs the whole file.
 pytestmark = pytest.mark.xdist_group("test_experiments_train")
@@ -42,23 +43,6 @@ def run(config, workdir, **kwargs):
   assert isinstance(result, train.Result)
   return {**(result.report or {}), "state": result.state, "finished": result.finished,
           "step": result.step, "history": result.history}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """A persistent XLA cache for this module: each run re-traces the same step,
-  and identical programs then compile once (restored afterwards)."""
-  from jax._src import compilation_cache as cache  # pylint: disable=import-outside-toplevel
-
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  previous = {name: getattr(jax.config, name) for name in names}
-  jax.config.update(names[0], str(tmp_path_factory.getbasetemp() / "xla-cache"))
-  jax.config.update(names[1], 0.0)
-  cache.reset_cache()
-  yield
-  for name, value in previous.items():
-    jax.config.update(name, value)
-  cache.reset_cache()
 
 
 EPOCHS = 3
