@@ -128,7 +128,10 @@ def final_report(config, run, state, pipeline, loop) -> dict[str, Any]:
                                   config.seed) if config.hessian_iters > 0 else None
   train_logits, train_labels = collect_logits(predict, weights, [sample], len(sample["y"]),
                                               across_processes=False)
-  splits = run.placement.batch_splits if method.perturbs else None
+  # Under jit, batch_splits groups recompute their own gradients (one more
+  # pass); the per-device (shard_map) step perturbs with the local gradient.
+  splits = (run.placement.batch_splits
+            if method.perturbs and not run.placement.per_device(method) else None)
   results = {
       "method": method.name,
       "summary": method.summary,

@@ -83,7 +83,8 @@ def make_loss_fns(model, label_smoothing: float = 0.0) -> LossFns:
   return LossFns(loss_fn, logits_fn, per_example_fn)
 
 
-def make_train_step(loss_fns: LossFns, method: methods.Method, predict):
+def make_train_step(loss_fns: LossFns, method: methods.Method, predict,
+                    axis_name: str | None = None):
   """``train_step(state, batch, rng) -> (state, metrics)`` for ``method``.
 
   One forward and backward pass of the user's loss, then ``tx.update`` with
@@ -98,6 +99,12 @@ def make_train_step(loss_fns: LossFns, method: methods.Method, predict):
     method: the registry row.
     predict: ``predict(params, batch_stats, x) -> logits`` in evaluation mode
       (MESA's EMA forward).
+    axis_name: the data axis when the step runs per device (``shard_map``,
+      :meth:`~experiments.placement.Placement.per_device`): the batch is the
+      device's shard, the method averages its surrogate over the axis
+      (``sam_optax.PerDevice``), BatchNorm normalizes with the shard's
+      statistics and its running averages are averaged over the axis, the
+      metrics are summed over it, and dropout draws per device.
   """
 
   def objective(params, batch_stats, batch, rng, target):
@@ -108,6 +115,8 @@ def make_train_step(loss_fns: LossFns, method: methods.Method, predict):
 
   def train_step(state, batch, rng, ascent_step=None):
     rng = jax.random.fold_in(rng, state.step)
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     loss_args = {"batch_stats": state.batch_stats, "batch": batch, "rng": rng}
     phase = {} if ascent_step is None else {"ascent_step": ascent_step}
     step = method.step
@@ -119,6 +128,9 @@ def make_train_step(loss_fns: LossFns, method: methods.Method, predict):
         grads=grads, update_args={**step.update_args(loss_args, logits, losses), **phase},
         batch_stats=new_batch_stats)
     correct = jnp.sum(jnp.argmax(logits, -1) == batch["y"])
+    if axis_name is not None:
+      state = state.replace(batch_stats=jax.lax.pmean(state.batch_stats, axis_name))
+      loss, correct = jax.lax.pmean(loss, axis_name), jax.lax.psum(correct, axis_name)
     return state, {"loss": loss, "correct": correct}
 
   return train_step
@@ -304,20 +316,25 @@ def create_run(config, pipeline, placement: Placement | None = None) -> Run:
       init_rng, jnp.zeros((1,) + tuple(pipeline.input_shape), jnp.float32))
   batch_stats = initial.get("batch_stats", {})
   loss_fns = make_loss_fns(model, config.label_smoothing)
+  # Per device (shard_map): each device perturbs with its own gradient, no extra
+  # pass; else, under jit, batch_splits groups recompute their own gradients.
+  axis_name = placement.axis_name if placement.per_device(method) else None
   context = make_context(config, pipeline, loss_fns, batch_stats,
-                         batch_splits=placement.batch_splits)
+                         batch_splits=None if axis_name else placement.batch_splits,
+                         axis_name=axis_name)
   tx, hparams = make_optimizer(config, method, context)
   state = TrainState.create(apply_fn=model.apply, params=initial["params"], tx=tx,
                             batch_stats=batch_stats)
   # A fresh buffer for every leaf: a transform's init may alias the params
   # (e.g. an EMA started as a copy of them), and the step donates the state.
   state = jax.tree.map(jnp.copy, state.replace(step=jnp.asarray(0, jnp.int32)))
-  train_step = make_train_step(loss_fns, method, make_predict(model))
+  train_step = make_train_step(loss_fns, method, make_predict(model), axis_name)
+  jit_step = functools.partial(placement.jit_step, per_device=axis_name is not None)
   phase = phase_form(config, state.opt_state)
   return Run(
       method=method, model=model, state=placement.put_state(state), hparams=hparams,
-      train_step=(PhasedStep(train_step, placement.jit_step) if phase == "static"
-                  else placement.jit_step(train_step)), phase=phase,
+      train_step=(PhasedStep(train_step, jit_step) if phase == "static"
+                  else jit_step(train_step)), phase=phase,
       predict=placement.wrap_predict(jax.jit(make_predict(model))),
       placement=placement, rng=placement.put_state(train_rng),
       steps_per_epoch=pipeline.steps_per_epoch,
