@@ -163,8 +163,8 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(two_processe
   results = json.loads((output_dir / "results.json").read_text())
   assert results["steps"] == 5 and results["finished"]
   assert results["m_sharpness"] == {"perturbation": "device", "batch_splits": 4,
-                                    "examples_per_perturbation": 20, "devices": 4,
-                                    "processes": 2}
+                                    "step": "shard_map", "examples_per_perturbation": 20,
+                                    "devices": 4, "processes": 2}
   assert reference["m_sharpness"]["batch_splits"] == 4
 
 
@@ -175,8 +175,11 @@ def test_evaluation_gathers_every_process(two_processes, reference):
   assert sum(results["reliability_diagram"]["bin_count"]) == 100
   assert abs(results["test"]["accuracy"] - reference["test"]["accuracy"]) <= 0.011
   np.testing.assert_allclose(results["test"]["nll"], reference["test"]["nll"], rtol=1e-3)
+  # The per-device step's training loss is the mean of the devices' losses, each
+  # with its shard's BatchNorm statistics; the reference's pass normalizes over
+  # the whole batch (the gradients it perturbs with are the groups' own, equal).
   np.testing.assert_allclose(results["history"]["train_loss"],
-                             reference["history"]["train_loss"], rtol=1e-4)
+                             reference["history"]["train_loss"], rtol=1e-3)
   assert results["history"]["train_accuracy"] == reference["history"]["train_accuracy"]
   np.testing.assert_allclose(results["hessian_top_eigenvalue"],
                              reference["hessian_top_eigenvalue"], rtol=1e-3)
