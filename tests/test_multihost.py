@@ -180,7 +180,9 @@ def test_evaluation_gathers_every_process(two_processes, reference):
   # the whole batch (the gradients it perturbs with are the groups' own, equal).
   np.testing.assert_allclose(results["history"]["train_loss"],
                              reference["history"]["train_loss"], rtol=1e-3)
-  assert results["history"]["train_accuracy"] == reference["history"]["train_accuracy"]
+  # (The same for the training accuracy: at most one example of the 400 differs.)
+  np.testing.assert_allclose(results["history"]["train_accuracy"],
+                             reference["history"]["train_accuracy"], atol=1 / 400 + 1e-9)
   np.testing.assert_allclose(results["hessian_top_eigenvalue"],
                              reference["hessian_top_eigenvalue"], rtol=1e-3)
 
