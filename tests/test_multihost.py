@@ -183,8 +183,10 @@ def test_evaluation_gathers_every_process(two_processes, reference):
   # (The same for the training accuracy: at most one example of the 400 differs.)
   np.testing.assert_allclose(results["history"]["train_accuracy"],
                              reference["history"]["train_accuracy"], atol=1 / 400 + 1e-9)
+  # λ_max is taken with the running BatchNorm statistics: their variance is the
+  # mean of the shards' variances here, the whole batch's in the reference.
   np.testing.assert_allclose(results["hessian_top_eigenvalue"],
-                             reference["hessian_top_eigenvalue"], rtol=1e-3)
+                             reference["hessian_top_eigenvalue"], rtol=5e-3)
 
 
 def test_checkpoint_of_two_processes_restores_on_one(two_processes, reference):
