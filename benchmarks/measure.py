@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import sam_optax
 from benchmarks.methods import Method, Program
 from benchmarks.tasks import Batch, Task
 
@@ -123,8 +124,10 @@ def data_mesh(num_devices: int) -> Mesh:
 def sharded_step(program: Program, mesh: Mesh) -> Callable[..., Any]:
   """``program.step`` in ``shard_map``: state replicated, batch split on axis 0."""
   replicated, split = PartitionSpec(), PartitionSpec(AXIS)
+  # check_vma=False: the gradient of the replicated parameters is the device's
+  # own (with the check, autodiff sums it over the axis: an extra all-reduce).
   return jax.shard_map(program.step, mesh=mesh, in_specs=(replicated, split),
-                       out_specs=(replicated, replicated))
+                       out_specs=(replicated, replicated), check_vma=False)
 
 
 def place(state: Any, batch: Batch, mesh: Mesh | None) -> tuple[Any, Batch]:
@@ -147,7 +150,7 @@ class Runner:
   """A compiled program with its own training state, ready to time."""
 
   name: str
-  compiled: Any
+  compiled: Any  # or {ascent_step: compiled} for a static-phase program
   state: Any
   batch: Batch
   calls_per_step: int
@@ -155,6 +158,13 @@ class Runner:
   call_times: list[tuple[int, float]] = dataclasses.field(default_factory=list)
   calls: int = 0
   last_loss: float = float("nan")
+
+  def call(self) -> tuple[Any, jax.Array]:
+    """One call; a static-phase program runs the step its state names."""
+    compiled = self.compiled
+    if isinstance(compiled, dict):
+      compiled = compiled[sam_optax.takes_ascent_step(self.state[-1])]
+    return compiled(self.state, self.batch)
 
   def run(self, steps: int, record: bool = True) -> float:
     """Runs ``steps`` full steps; returns the seconds per full step.
@@ -167,7 +177,7 @@ class Runner:
     loss = None
     for _ in range(steps * self.calls_per_step):
       start = time.perf_counter()
-      self.state, loss = self.compiled(self.state, self.batch)
+      self.state, loss = self.call()
       jax.block_until_ready((self.state, loss))
       seconds = time.perf_counter() - start
       elapsed += seconds
@@ -205,12 +215,17 @@ def compile_program(
     task: Task,
     mesh: Mesh | None = None,
     phases: Sequence[tuple[float, int | None]] = (),
+    static_phase: float | None = None,
 ) -> Compiled:
   """Lowers and compiles ``program`` on ``task.batch``; reads flops and memory.
 
   ``phases``: see :class:`benchmarks.methods.Method`; the flops are then the
   weighted mean over the phases, each compiled with its step count folded.
+  ``static_phase``: the fraction of ascent steps of a program compiled once
+  per phase (:func:`compile_static_phases`).
   """
+  if static_phase is not None:
+    return compile_static_phases(name, program, task, mesh, static_phase)
   step = program.step if mesh is None else sharded_step(program, mesh)
   state, batch = place(program.init(), task.batch, mesh)
   start = time.perf_counter()
@@ -234,6 +249,35 @@ def compile_program(
       hlo=hlo_summary(compiled),
       compile_s=compile_s,
       phase_flops=per_phase,
+  )
+
+
+def compile_static_phases(name: str, program: Program, task: Task, mesh: Mesh | None,
+                          weight: float) -> Compiled:
+  """A method with a cheap phase in its static form: a compiled step per phase.
+
+  Each call runs the step that ``sam_optax.takes_ascent_step`` reads from the
+  state (as a training loop does). Flops: ``weight · full + (1 − weight) ·
+  cheap``; memory, HLO counts: the full step's (the larger).
+  """
+  if mesh is not None or program.phase_step is None:
+    raise ValueError(f"{name}: the static phase is benchmarked on one device, with a"
+                     " program that has a phase_step.")
+  state, batch = place(program.init(), task.batch, None)
+  start = time.perf_counter()
+  compiled = {phase: jax.jit(program.phase_step(phase), donate_argnums=0)
+              .lower(state, batch).compile() for phase in (True, False)}
+  compile_s = time.perf_counter() - start
+  full, cheap = flops_of(compiled[True]), flops_of(compiled[False])
+  return Compiled(
+      runner=Runner(name, compiled, state, batch, program.calls_per_step),
+      flops=weight * full + (1 - weight) * cheap,
+      max_flops=full,
+      memory=max((memory_of(c) for c in compiled.values()), key=lambda m: m["peak"]),
+      state_bytes=tree_bytes(state),
+      hlo=hlo_summary(compiled[True]),
+      compile_s=compile_s,
+      phase_flops=(full, cheap),
   )
 
 
@@ -334,7 +378,8 @@ def measure_methods(
   axis_name = None if mesh is None else AXIS
   for method in methods:
     program = method.build(task, axis_name)
-    compiled = compile_program(method.name, program, task, mesh, method.phases)
+    compiled = compile_program(method.name, program, task, mesh, method.phases,
+                               method.static_phase)
     compiled.runner.run(1, record=False)  # warm-up: first-call allocations
     out[method.name] = compiled
     if on_compiled is not None:

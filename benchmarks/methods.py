@@ -27,6 +27,7 @@ benchmark, phases of a conditional step, a note).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -60,11 +61,15 @@ class Program:
     calls_per_step: calls that make one full step of the method (2 for the
       transparent mode of ``optax.contrib.sam``, which takes its ascent and
       its descent in two separate calls).
+    phase_step: ``phase_step(ascent_step) -> StepFn``, the step traced with
+      its phase fixed (``tx.update(..., ascent_step=...)``), for a method
+      with a cheap phase benchmarked in its static form.
   """
 
   init: Callable[[], State]
   step: StepFn
   calls_per_step: int = 1
+  phase_step: Callable[[bool], StepFn] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +98,10 @@ class Method:
       ``other``'s).
     sharded: whether the method is part of the scaling studies (width and
       device count; SGD and SAM by default).
+    static_phase: for the static form of a method with a cheap phase (two
+      compiled steps, chosen per call by ``sam_optax.takes_ascent_step``):
+      the expected fraction of ascent steps (1/k, p), the weight of the full
+      step's flops. None: one compiled step.
     note: what to know when reading the row.
   """
 
@@ -104,6 +113,7 @@ class Method:
   phases: tuple[tuple[float, int | None], ...] = ()
   branches_like: tuple[str, float] | None = None
   sharded: bool = False
+  static_phase: float | None = None
   note: str = ""
 
   def theory(self, forward_fraction: float) -> float:
@@ -141,17 +151,19 @@ def training_program(
   """
   tx = optax.with_extra_args_support(tx)
 
-  def step(state, batch):
+  def step(state, batch, ascent_step=None):
     params, batch_stats, opt_state = state
     (loss, (new_stats, _)), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
         params, batch=batch, batch_stats=batch_stats)
     if mean_gradient:
       grads = mean_over_axis(grads, axis_name)
+    phase = {} if ascent_step is None else {"ascent_step": ascent_step}
     updates, opt_state = tx.update(
-        grads, opt_state, params, batch=batch, batch_stats=batch_stats)
+        grads, opt_state, params, batch=batch, batch_stats=batch_stats, **phase)
     return _finish(params, updates, new_stats, opt_state, loss, axis_name)
 
-  return Program(_initial_state(task, tx), step)
+  return Program(_initial_state(task, tx), step,
+                 phase_step=lambda phase: functools.partial(step, ascent_step=phase))
 
 
 def chained(
@@ -361,18 +373,35 @@ PROGRAMS = {"standard": _standard_program, "saf": saf_program, "mesa": mesa_prog
 # 1 step (a cheap one, the k − 1 others are alike), its count folded.
 EVERY_K_PHASES = ((1 / CYCLE, None), (1 - 1 / CYCLE, 1))
 
+STATIC = " (static phase)"  # the label suffix of a static-phase row
+
+
+def _static_row(name: str, fixed: dict[str, Any], weight: float, note: str):
+  """The row of ``name``'s static form: no ``lax.cond``, a compiled step per phase."""
+  return (name + STATIC, fixed, {"static_phase": weight, "phases": (), "branches_like": None,
+                                 "note": note + "; two compiled steps, no lax.cond"})
+
+
 # What a measurement needs beyond the registry row, by registry name: rows
-# (label, hyperparameters fixed for the benchmark), other fields of
-# :class:`Method`, and the run's length as the method sees it. Every other
-# registry method is one row at its defaults.
+# (label, hyperparameters fixed for the benchmark[, fields of this row only]),
+# other fields of :class:`Method`, and the run's length as the method sees it.
+# Every other registry method is one row at its defaults.
 SETTINGS: dict[str, dict[str, Any]] = {
     "sam": {"sharded": True},
-    "looksam": {"phases": EVERY_K_PHASES, "rows": (("looksam", {"k": CYCLE}),),
+    "looksam": {"phases": EVERY_K_PHASES,
+                "rows": (("looksam", {"k": CYCLE}),
+                         _static_row("looksam", {"k": CYCLE}, 1 / CYCLE,
+                                     f"k = {CYCLE}, α = 0.7")),
                 "note": f"k = {CYCLE}, α = 0.7"},
-    "interval_sam": {"phases": EVERY_K_PHASES, "rows": (("interval_sam", {"k": CYCLE}),),
+    "interval_sam": {"phases": EVERY_K_PHASES,
+                     "rows": (("interval_sam", {"k": CYCLE}),
+                              _static_row("interval_sam", {"k": CYCLE}, 1 / CYCLE,
+                                          f"k = {CYCLE}")),
                      "note": f"k = {CYCLE}"},
     "stochastic_sam": {"branches_like": ("interval_sam", PROBABILITY),
-                       "rows": (("stochastic_sam", {"p": PROBABILITY}),),
+                       "rows": (("stochastic_sam", {"p": PROBABILITY}),
+                                _static_row("stochastic_sam", {"p": PROBABILITY},
+                                            PROBABILITY, f"p = {PROBABILITY}")),
                        "note": f"p = {PROBABILITY}"},
     "csam": {"note": "descent gradient of the calibrated loss"},
     "stable_sam": {"rows": (("stable_sam(sam)", {"normalize": True}),
@@ -424,12 +453,12 @@ def library_methods() -> tuple[Method, ...]:
     settings = dict(SETTINGS.get(method.name, {}))
     variants = settings.pop("rows", ((method.name, {}),))
     steps_per_epoch = settings.pop("steps_per_epoch", None)
-    for label, fixed in variants:
+    for label, fixed, *own in variants:
       hparams = registry.hparams_for(method.name, fixed)
       rows.append(Method(label, "sam_optax",
                          registry_program(method, hparams, steps_per_epoch),
                          method.gradients_per_step(hparams), forwards=method.forwards,
-                         **settings))
+                         **{**settings, **(own[0] if own else {})}))
   return tuple(rows)
 
 

@@ -128,7 +128,10 @@ def final_report(config, run, state, pipeline, loop) -> dict[str, Any]:
                                   config.seed) if config.hessian_iters > 0 else None
   train_logits, train_labels = collect_logits(predict, weights, [sample], len(sample["y"]),
                                               across_processes=False)
-  splits = run.placement.batch_splits if method.perturbs else None
+  # Under jit, batch_splits groups recompute their own gradients (one more
+  # pass); the per-device (shard_map) step perturbs with the local gradient.
+  splits = (run.placement.batch_splits
+            if method.perturbs and not run.placement.per_device(method) else None)
   results = {
       "method": method.name,
       "summary": method.summary,
@@ -148,6 +151,7 @@ def final_report(config, run, state, pipeline, loop) -> dict[str, Any]:
       "gradients_per_step": method.gradients_per_step(run.hparams) + (1 if splits else 0),
       "forwards_per_step": method.forwards,
       "m_sharpness": run.placement.describe(method),
+      "phase": run.phase,  # LookSAM / interval / stochastic SAM: 'static' or 'cond'
       "history": loop.history,
       "reliability_diagram": {k: np.asarray(v) for k, v in diagram.items()},
       "config": config.to_dict(),

@@ -1,20 +1,32 @@
 """Device placement: one device, or data parallel over every device of every process.
 
-With ``config.data_parallel`` and more than one device, the step is a
-``jax.jit`` over a 1-D mesh ``('data',)`` of every device of every process
+With ``config.data_parallel`` and more than one device, the step runs over a
+1-D mesh ``('data',)`` of every device of every process
 (:func:`experiments.distributed.data_mesh`): the state is replicated, each
 global batch is split along its first axis (each process gives its own rows,
-``jax.make_array_from_process_local_data``), and XLA inserts the all-reduce.
+``jax.make_array_from_process_local_data``).
 
 ``config.perturbation`` says where the SAM family's perturbation is computed
-(m-sharpness; :func:`check_data_layout`): ``'device'`` (default, as in the SAM
-paper: every device's shard of the batch gets its own perturbation,
-``batch_splits`` = the device count, which under this sharding is the
-perturbation of ``pmap`` with each device's local gradient, tested in
-``tests/test_experiments_parallel.py``), ``'global'`` (one perturbation from
-the global batch's gradient) or ``'split'`` (``config.batch_splits`` groups of
-the global batch). The library receives it through
-:meth:`experiments.methods.Context.data_parallel`.
+(m-sharpness; :func:`check_data_layout`):
+
+* ``'device'`` (default, as in the SAM paper): every device's shard of the
+  batch gets its own perturbation. The step of a perturbing method is then a
+  ``shard_map`` (:meth:`Placement.per_device`): each device computes the
+  gradient of its shard, perturbs with it (``sam_optax.PerDevice('data')``)
+  and the surrogate is averaged once -- two gradient evaluations for SAM, as
+  with ``pmap``. BatchNorm normalizes with each shard's statistics (as under
+  ``pmap``) and the running averages are averaged over the devices.
+* ``'global'``: one perturbation from the global batch's gradient, a
+  ``jax.jit`` step in which XLA inserts the all-reduces (BatchNorm over the
+  global batch).
+* ``'split'``: ``config.batch_splits`` groups of the global batch, each
+  recomputing its own gradient inside the transform (``sam_optax.Splits``,
+  one more gradient evaluation); with ``batch_splits`` = the device count it
+  gives the same parameters as ``'device'`` (BatchNorm statistics of the
+  training pass over the global batch).
+
+Methods that do not perturb (SGD, SAF, MESA, ESAM's own step) always run the
+``jax.jit`` step. Equalities are tested in ``tests/test_experiments_parallel.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from experiments import distributed
 from experiments.checkpoints import UsageError
@@ -123,10 +136,28 @@ class Placement:
     return {k: jax.make_array_from_process_local_data(
         self.sharded, v, (self.batch_size,) + np.shape(v)[1:]) for k, v in batch.items()}
 
-  def jit_step(self, train_step):
-    """The jitted step (it donates the state); data parallel, its outputs stay replicated."""
+  axis_name = distributed.DATA_AXIS
+
+  def per_device(self, method) -> bool:
+    """Whether ``method``'s step runs per device (``shard_map``): data parallel,
+    ``perturbation='device'`` and a method that perturbs."""
+    return self.mesh is not None and self.perturbation == "device" and method.perturbs
+
+  def jit_step(self, train_step, per_device: bool = False):
+    """The jitted step (it donates the state); data parallel, its outputs stay replicated.
+
+    ``per_device``: ``train_step`` is the step of one device's shard, run in
+    ``shard_map`` over the data axis (state and key replicated, the batch split).
+    """
     if self.mesh is None:
       return jax.jit(train_step, donate_argnums=0)
+    if per_device:
+      replicated, split = PartitionSpec(), PartitionSpec(self.axis_name)
+      # check_vma=False: the gradient of the replicated parameters stays the
+      # device's own (with the check, JAX's autodiff would sum it over the axis).
+      train_step = jax.shard_map(train_step, mesh=self.mesh,
+                                 in_specs=(replicated, split, replicated),
+                                 out_specs=(replicated, replicated), check_vma=False)
     return jax.jit(train_step, donate_argnums=0, out_shardings=self.replicated)
 
   def local(self, tree):
@@ -154,6 +185,7 @@ class Placement:
       return None
     groups = self.batch_splits or 1
     return {"perturbation": self.perturbation, "batch_splits": groups,
+            "step": "shard_map" if self.per_device(method) else "jit",
             "examples_per_perturbation": self.batch_size // groups,
             "devices": jax.device_count() if self.mesh is not None else 1,
             "processes": jax.process_count()}

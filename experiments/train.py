@@ -83,11 +83,14 @@ def make_loss_fns(model, label_smoothing: float = 0.0) -> LossFns:
   return LossFns(loss_fn, logits_fn, per_example_fn)
 
 
-def make_train_step(loss_fns: LossFns, method: methods.Method, predict):
+def make_train_step(loss_fns: LossFns, method: methods.Method, predict,
+                    axis_name: str | None = None):
   """``train_step(state, batch, rng) -> (state, metrics)`` for ``method``.
 
   One forward and backward pass of the user's loss, then ``tx.update`` with
-  the extra arguments the method's :class:`~experiments.methods.Step` names.
+  the extra arguments the method's :class:`~experiments.methods.Step` names
+  (and ``ascent_step``, the phase of LookSAM / interval / stochastic SAM,
+  when it is chosen at trace time: see :class:`PhasedStep`).
   For SAF and MESA the trajectory loss of the target read before the pass is
   added to the loss of that same pass.
 
@@ -96,6 +99,12 @@ def make_train_step(loss_fns: LossFns, method: methods.Method, predict):
     method: the registry row.
     predict: ``predict(params, batch_stats, x) -> logits`` in evaluation mode
       (MESA's EMA forward).
+    axis_name: the data axis when the step runs per device (``shard_map``,
+      :meth:`~experiments.placement.Placement.per_device`): the batch is the
+      device's shard, the method averages its surrogate over the axis
+      (``sam_optax.PerDevice``), BatchNorm normalizes with the shard's
+      statistics and its running averages are averaged over the axis, the
+      metrics are summed over it, and dropout draws per device.
   """
 
   def objective(params, batch_stats, batch, rng, target):
@@ -104,21 +113,67 @@ def make_train_step(loss_fns: LossFns, method: methods.Method, predict):
     total = loss if target is None else loss + sam_optax.losses.trajectory_loss(logits, target)
     return total, (new_batch_stats, logits, loss, losses)
 
-  def train_step(state, batch, rng):
+  def train_step(state, batch, rng, ascent_step=None):
     rng = jax.random.fold_in(rng, state.step)
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     loss_args = {"batch_stats": state.batch_stats, "batch": batch, "rng": rng}
+    phase = {} if ascent_step is None else {"ascent_step": ascent_step}
     step = method.step
     target = None if step.target is None else step.target(
         state.opt_state, state.params, state.batch_stats, batch, predict)
     (_, (new_batch_stats, logits, loss, losses)), grads = jax.value_and_grad(
         objective, has_aux=True)(state.params, target=target, **loss_args)
-    state = state.apply_gradients(grads=grads,
-                                  update_args=step.update_args(loss_args, logits, losses),
-                                  batch_stats=new_batch_stats)
+    state = state.apply_gradients(
+        grads=grads, update_args={**step.update_args(loss_args, logits, losses), **phase},
+        batch_stats=new_batch_stats)
     correct = jnp.sum(jnp.argmax(logits, -1) == batch["y"])
+    if axis_name is not None:
+      state = state.replace(batch_stats=jax.lax.pmean(state.batch_stats, axis_name))
+      loss, correct = jax.lax.pmean(loss, axis_name), jax.lax.psum(correct, axis_name)
     return state, {"loss": loss, "correct": correct}
 
   return train_step
+
+
+PHASES = ("auto", "static", "cond")
+
+
+class PhasedStep:
+  """Two compiled training steps, one per phase, called as the state says.
+
+  For the methods with a cheap phase (LookSAM, interval and stochastic SAM):
+  ``train_step`` traced with ``ascent_step=True`` and with ``False``, neither
+  holding a ``jax.lax.cond``; each call reads the phase of the next step from
+  the optimizer state (:func:`sam_optax.takes_ascent_step`, a host read of
+  one bool) and runs that step. On XLA:CPU a convolution gradient inside a
+  conditional runs several times slower (``benchmarks/RESULTS.md``), so this
+  is the trainer's form on CPU (``config.phase``).
+  """
+
+  def __init__(self, train_step, jit_step):
+    self.steps = {phase: jit_step(functools.partial(train_step, ascent_step=phase))
+                  for phase in (True, False)}
+
+  def __call__(self, state, batch, rng):
+    return self.steps[sam_optax.takes_ascent_step(state.opt_state)](state, batch, rng)
+
+
+def phase_form(config, opt_state) -> str | None:
+  """``'static'`` or ``'cond'`` for a method with a cheap phase, else None.
+
+  ``config.phase``: ``'auto'`` is static on the CPU backend (no conditional in
+  the compiled steps) and ``lax.cond`` elsewhere; ``'static'`` / ``'cond'``
+  force one.
+  """
+  if sam_optax.takes_ascent_step(opt_state) is None:
+    if config.phase == "static":
+      raise UsageError(f"phase='static' applies to the methods with a cheap phase (looksam,"
+                       f" interval_sam, stochastic_sam); {config.method} takes one form.")
+    return None
+  if config.phase == "auto":
+    return "static" if jax.default_backend() == "cpu" else "cond"
+  return config.phase
 
 
 def make_predict(model):
@@ -181,6 +236,7 @@ def validate_config(config) -> None:
   _choice(config, "model", models.MODEL_NAMES)
   _choice(config, "optimizer", ("sgd", "adamw"))
   _choice(config, "lr_schedule", ("cosine", "constant"))
+  _choice(config, "phase", PHASES)
   for name in ("num_epochs", "batch_size"):
     if not isinstance(config[name], int) or config[name] < 1:
       raise UsageError(f"{name} must be a positive integer, got {config[name]!r}.")
@@ -199,7 +255,10 @@ class Run:
     method: the registry row; model: the linen model.
     state: the initial :class:`TrainState` (placed on the devices).
     hparams: the method's hyperparameters.
-    train_step: the jitted ``train_step(state, batch, rng) -> (state, metrics)``.
+    train_step: the jitted ``train_step(state, batch, rng) -> (state, metrics)``
+      (a :class:`PhasedStep` of two when ``phase`` is ``'static'``).
+    phase: how a method with a cheap phase chooses it, ``'static'`` or
+      ``'cond'`` (:func:`phase_form`); None for the others.
     predict: the jitted ``predict(params, batch_stats, x) -> logits`` on this
       process's devices (weights from :meth:`Placement.local`).
     placement: where states and batches go.
@@ -217,6 +276,7 @@ class Run:
   rng: jax.Array
   steps_per_epoch: int
   total_steps: int
+  phase: str | None = None
 
 
 def make_model(config, pipeline):
@@ -256,17 +316,25 @@ def create_run(config, pipeline, placement: Placement | None = None) -> Run:
       init_rng, jnp.zeros((1,) + tuple(pipeline.input_shape), jnp.float32))
   batch_stats = initial.get("batch_stats", {})
   loss_fns = make_loss_fns(model, config.label_smoothing)
+  # Per device (shard_map): each device perturbs with its own gradient, no extra
+  # pass; else, under jit, batch_splits groups recompute their own gradients.
+  axis_name = placement.axis_name if placement.per_device(method) else None
   context = make_context(config, pipeline, loss_fns, batch_stats,
-                         batch_splits=placement.batch_splits)
+                         batch_splits=None if axis_name else placement.batch_splits,
+                         axis_name=axis_name)
   tx, hparams = make_optimizer(config, method, context)
   state = TrainState.create(apply_fn=model.apply, params=initial["params"], tx=tx,
                             batch_stats=batch_stats)
   # A fresh buffer for every leaf: a transform's init may alias the params
   # (e.g. an EMA started as a copy of them), and the step donates the state.
   state = jax.tree.map(jnp.copy, state.replace(step=jnp.asarray(0, jnp.int32)))
+  train_step = make_train_step(loss_fns, method, make_predict(model), axis_name)
+  jit_step = functools.partial(placement.jit_step, per_device=axis_name is not None)
+  phase = phase_form(config, state.opt_state)
   return Run(
       method=method, model=model, state=placement.put_state(state), hparams=hparams,
-      train_step=placement.jit_step(make_train_step(loss_fns, method, make_predict(model))),
+      train_step=(PhasedStep(train_step, jit_step) if phase == "static"
+                  else jit_step(train_step)), phase=phase,
       predict=placement.wrap_predict(jax.jit(make_predict(model))),
       placement=placement, rng=placement.put_state(train_rng),
       steps_per_epoch=pipeline.steps_per_epoch,

@@ -57,7 +57,11 @@ DEFAULT_EPS = 1e-12
 
 # Extra arguments that optax itself passes along a chain and that are not
 # meant for the user's loss function; they are never forwarded to it.
-_NOT_FOR_THE_LOSS = frozenset({"loss_fn", "value", "grad", "value_fn"})
+_NOT_FOR_THE_LOSS = frozenset({"loss_fn", "value", "grad", "value_fn", "ascent_step"})
+
+# The extra argument of ``update`` that chooses the phase of a method with a
+# cheap phase (``every_k``, ``with_probability``, ``looksam``) at trace time.
+ASCENT_STEP = "ascent_step"
 
 
 class SAMState(NamedTuple):
@@ -520,6 +524,7 @@ def transformation(
     gradient_factory: GradientFactory | None = None,
     ascent_gradient_factory: GradientFactory | None = None,
     split_argnames: Sequence[str] = (),
+    phased: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a method of the family from its ``rule``: the one skeleton.
 
@@ -558,6 +563,10 @@ def transformation(
       :class:`~sam_optax.Splits`.
     split_argnames: extra arguments of the method's own that hold one row
       per example and are split with the batch.
+    phased: whether the method has a cheap phase (LookSAM): the rule then
+      also gets ``ascent_step``, the extra argument of ``update`` (None, or
+      the phase as a Python bool, see :func:`chosen_phase`). Other methods
+      reject ``ascent_step=False``.
 
   Returns:
     The method's ``optax.GradientTransformationExtraArgs``.
@@ -597,6 +606,10 @@ def transformation(
   def update(updates, state, params=None, **extra_args):
     check_update_inputs(method, updates, params)
     values = {name: radius_at(value, state.count) for name, value in radii.items()}
+    if phased:
+      values[ASCENT_STEP] = extra_args.pop(ASCENT_STEP, None)
+    else:
+      reject_phase(method, extra_args)
     resolved_mask = resolve_mask(method, mask, params)
 
     def run(grads, gradient_fn, mean):
@@ -663,6 +676,122 @@ def cond(pred: jax.Array, true_fn, false_fn):
   if isinstance(pred, jax.core.Tracer):
     return jax.lax.cond(pred, true_fn, false_fn)
   return true_fn() if bool(pred) else false_fn()
+
+
+# --------------------------------------------------------------------------
+# The phase of a method that re-evaluates on some steps only.
+# --------------------------------------------------------------------------
+
+
+def _phase_mismatch(method: str, ascent_step: bool) -> str:
+  taken = "the ascent (full) step" if ascent_step else "the cheap step"
+  return (
+      f"{method}: the step was traced with ascent_step={ascent_step} ({taken}),"
+      f" but the method's state says this step is {'not ' if ascent_step else ''}an"
+      " ascent step. Pass ascent_step=sam_optax.takes_ascent_step(opt_state),"
+      " read from the state before the step.")
+
+
+def chosen_phase(method: str, ascent_step: Any, predicate: jax.Array) -> Any:
+  """The phase of this step: ``predicate``, or the static ``ascent_step`` checked.
+
+  ``ascent_step=None`` (the default): ``predicate`` (traced under ``jit``),
+  for :func:`cond` to branch on at run time. ``ascent_step`` a Python bool:
+  the phase chosen at trace time (a compiled step per phase, no
+  ``lax.cond``); it must agree with ``predicate``, checked eagerly when
+  ``predicate`` is concrete and by a host callback when it is traced (a
+  mismatch raises an error from the step, never a silently different
+  schedule).
+
+  Raises:
+    TypeError: if ``ascent_step`` is neither None nor a bool.
+    ValueError: if a concrete ``predicate`` disagrees with ``ascent_step``.
+  """
+  if ascent_step is None:
+    return predicate
+  if not isinstance(ascent_step, (bool, np.bool_)):
+    raise TypeError(
+        f"{method}: ascent_step must be a Python bool (the phase, chosen when the"
+        f" step is traced) or None (the phase chosen by jax.lax.cond), got"
+        f" {type(ascent_step).__name__} {ascent_step!r}.")
+  ascent_step = bool(ascent_step)
+  if isinstance(predicate, jax.core.Tracer):
+
+    def check(value):
+      if bool(value) != ascent_step:
+        raise ValueError(_phase_mismatch(method, ascent_step))
+
+    jax.debug.callback(check, predicate)
+  elif bool(predicate) != ascent_step:
+    raise ValueError(_phase_mismatch(method, ascent_step))
+  return ascent_step
+
+
+def reject_phase(method: str, extra_args: Mapping[str, Any]) -> None:
+  """For a method without a cheap phase: ``ascent_step=False`` is an error."""
+  if extra_args.get(ASCENT_STEP, True) is not True:
+    raise ValueError(
+        f"{method}: got ascent_step={extra_args[ASCENT_STEP]!r}, but {method} takes"
+        " its ascent step on every step (ascent_step chooses the phase of"
+        " every_k, with_probability, interval_sam, stochastic_sam and looksam;"
+        " wrap this method in one of them).")
+
+
+def takes_ascent_step(opt_state: Any) -> bool | None:
+  """Whether the next ``update`` with ``opt_state`` takes the ascent step.
+
+  For the methods with a cheap phase (:func:`sam_optax.every_k`,
+  :func:`sam_optax.with_probability`, :func:`sam_optax.interval_sam`,
+  :func:`sam_optax.stochastic_sam`, :func:`sam_optax.looksam`) the state
+  holds the phase of its next step (``ascent_next``). Reading it on the host
+  lets a training loop choose between two compiled steps, one traced with
+  ``ascent_step=True`` and one with ``ascent_step=False``, so neither holds a
+  ``jax.lax.cond`` (on XLA:CPU convolution gradients inside a conditional
+  branch run several times slower). The outermost such method is read (a
+  state nested inside it is not); ``update`` checks the value it is given
+  against its state.
+
+  Args:
+    opt_state: the state of the whole optimizer (a chain, a state under
+      ``pmap`` with a leading device axis, a sharded state).
+
+  Returns:
+    The phase as a Python bool, or None if no method of ``opt_state`` has a
+    cheap phase (then call ``update`` without ``ascent_step``).
+
+  Example:
+    >>> import functools, jax, jax.numpy as jnp, optax, sam_optax
+    >>> loss_fn = lambda p, x: jnp.sum(jnp.cos(p * x))
+    >>> tx = optax.chain(sam_optax.interval_sam(0.05, k=3, loss_fn=loss_fn),
+    ...                  optax.sgd(0.1))
+    >>> @functools.partial(jax.jit, static_argnames="ascent_step")
+    ... def step(params, state, x, ascent_step):
+    ...   updates, state = tx.update(jax.grad(loss_fn)(params, x), state, params,
+    ...                              x=x, ascent_step=ascent_step)
+    ...   return optax.apply_updates(params, updates), state
+    >>> params, x = jnp.ones(4), jnp.arange(4.0)
+    >>> state = tx.init(params)
+    >>> phases = []
+    >>> for _ in range(4):
+    ...   phases.append(sam_optax.takes_ascent_step(state))
+    ...   params, state = step(params, state, x, ascent_step=phases[-1])
+    >>> phases
+    [True, False, False, True]
+  """
+  phases = [(len(path), leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+            if path and isinstance(path[-1], jax.tree_util.GetAttrKey)
+            and path[-1].name == "ascent_next"]
+  if not phases:
+    return None
+  _, outermost = min(phases, key=lambda phase: phase[0])
+  values = np.asarray(jax.device_get(outermost)).ravel()
+  if values.size and not (values == values[0]).all():
+    raise ValueError(
+        "takes_ascent_step: the phase differs across the devices"
+        f" ({values.tolist()}); the state of a method with a cheap phase must"
+        " be the same on every device.")
+  return bool(values[0])
 
 
 def sequenced(value: Any, after: Any) -> Any:

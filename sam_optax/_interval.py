@@ -4,7 +4,9 @@
 ``asam``, ``gsam``, ``csam``, ``looksam``, ``stable_sam(...)``, ...): on the
 chosen steps they run its update, on the others they return the plain
 gradient. The choice is a ``jax.lax.cond``, so on a skipped step the
-re-evaluation does not run on the device at all.
+re-evaluation does not run on the device at all; or, with
+``update(..., ascent_step=sam_optax.takes_ascent_step(opt_state))``, it is
+made when the step is traced (a compiled step per phase, no conditional).
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ class IntervalState(NamedTuple):
   Attributes:
     count: steps taken.
     inner: the state of the wrapped method.
+    ascent_next: whether the next step runs ``inner`` (``count mod k = 0``),
+      for :func:`sam_optax.takes_ascent_step`.
   """
 
   count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   inner: Any
+  ascent_next: jax.Array
 
 
 class StochasticState(NamedTuple):
@@ -41,11 +46,14 @@ class StochasticState(NamedTuple):
     key: the raw ``uint32[2]`` PRNG key; step ``t`` draws with
       ``jax.random.fold_in(key, t)``.
     inner: the state of the wrapped method.
+    ascent_next: whether the next step runs ``inner`` (its draw, made at the
+      end of the previous step), for :func:`sam_optax.takes_ascent_step`.
   """
 
   count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   key: jax.Array
   inner: Any
+  ascent_next: jax.Array
 
 
 def _choose(take: jax.Array, inner, updates, inner_state, params, extra_args,
@@ -89,9 +97,12 @@ def every_k(
     for convolutional models on CPU the SAM steps of this method run several
     times slower than :func:`sam_optax.sam`'s (measured in
     ``benchmarks/RESULTS.md``); flops are as expected. The cause is XLA:CPU's
-    layout assignment; accelerators were not measured here. On CPU, choose
-    between two jitted steps in Python instead (one with ``sam``, one plain)
-    when it matters.
+    layout assignment; accelerators were not measured here. On CPU choose
+    the phase when tracing instead: compile the step twice, with
+    ``update(..., ascent_step=True)`` and ``ascent_step=False``, and call the
+    one that ``sam_optax.takes_ascent_step(opt_state)`` names (the step
+    checks the value against its count). ``benchmarks/RESULTS.md`` has both
+    forms.
 
   On a skipped step the inner state is kept, except that its step counters
   (NamedTuple fields named ``count``) advance, so ρ schedules follow the
@@ -128,14 +139,17 @@ def every_k(
   _ascent.check_int("k", k, 1, method)
 
   def init(params):
-    return IntervalState(count=jnp.zeros([], jnp.int32), inner=inner.init(params))
+    return IntervalState(count=jnp.zeros([], jnp.int32), inner=inner.init(params),
+                         ascent_next=jnp.asarray(True))
 
   def update(updates, state, params=None, **extra_args):
-    take = state.count % k == 0
+    take = _ascent.chosen_phase(method, extra_args.pop(_ascent.ASCENT_STEP, None),
+                                state.count % k == 0)
     new_updates, inner_state = _choose(
         take, inner, updates, state.inner, params, extra_args, axis_name)
-    return new_updates, IntervalState(
-        count=optax.safe_increment(state.count), inner=inner_state)
+    count = optax.safe_increment(state.count)
+    return new_updates, IntervalState(count=count, inner=inner_state,
+                                      ascent_next=count % k == 0)
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -198,18 +212,24 @@ def with_probability(
   if isinstance(seed, bool) or not isinstance(seed, int):
     raise TypeError(f"{method}: seed must be an int, got {seed!r}.")
 
+  def draw(key, count):
+    draw_key = jax.random.fold_in(jax.random.wrap_key_data(key), count)
+    return jax.random.uniform(draw_key) < _ascent.radius_at(p, count)
+
   def init(params):
     key = jax.random.key_data(jax.random.key(seed))
-    return StochasticState(
-        count=jnp.zeros([], jnp.int32), key=key, inner=inner.init(params))
+    count = jnp.zeros([], jnp.int32)
+    return StochasticState(count=count, key=key, inner=inner.init(params),
+                           ascent_next=draw(key, count))
 
   def update(updates, state, params=None, **extra_args):
-    draw_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
-    take = jax.random.uniform(draw_key) < _ascent.radius_at(p, state.count)
+    take = _ascent.chosen_phase(method, extra_args.pop(_ascent.ASCENT_STEP, None),
+                                draw(state.key, state.count))
     new_updates, inner_state = _choose(
         take, inner, updates, state.inner, params, extra_args, axis_name)
-    return new_updates, StochasticState(
-        count=optax.safe_increment(state.count), key=state.key, inner=inner_state)
+    count = optax.safe_increment(state.count)
+    return new_updates, StochasticState(count=count, key=state.key, inner=inner_state,
+                                        ascent_next=draw(state.key, count))
 
   return optax.GradientTransformationExtraArgs(init, update)
 

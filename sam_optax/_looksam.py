@@ -20,10 +20,13 @@ class LookSAMState(NamedTuple):
     count: steps taken; the argument of the ρ schedule.
     orthogonal: ``g_v``, the component of the last SAM gradient orthogonal to
       the clean gradient of that step (zeros before step 0).
+    ascent_next: whether the next step is a SAM step (``count mod k = 0``),
+      for :func:`sam_optax.takes_ascent_step`.
   """
 
   count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
   orthogonal: optax.Updates
+  ascent_next: jax.Array
 
 
 def looksam(
@@ -55,7 +58,10 @@ def looksam(
     \text{update direction } g + α \frac{‖g‖}{‖g_v‖ + δ} g_v.
 
   The choice is a ``jax.lax.cond``: the re-evaluation runs on the device
-  only on the SAM steps. Cost ≈ ``1 + 1/k`` gradient evaluations per step
+  only on the SAM steps. Or the caller chooses the phase when tracing: pass
+  ``ascent_step=sam_optax.takes_ascent_step(opt_state)`` (a Python bool) to
+  ``update`` and keep one compiled step per phase (see
+  :func:`sam_optax.takes_ascent_step`); the step checks it against its count. Cost ≈ ``1 + 1/k`` gradient evaluations per step
   (XLA's ``cost_analysis`` counts the conditional as its costlier branch,
   so it reports SAM's flops). ``k=1`` is SAM. Norms are global (over the
   whole parameter pytree), as in the paper's formula; there is no official
@@ -69,8 +75,9 @@ def looksam(
   the decomposition sees every leaf.
 
   .. note::
-    The SAM step runs inside a ``lax.cond``, which is slow for convolutions
-    on XLA:CPU; see the note of :func:`sam_optax.every_k`.
+    Inside a ``lax.cond`` the SAM step is slow for convolutions on XLA:CPU;
+    see the note of :func:`sam_optax.every_k`. On CPU choose the phase
+    statically (``ascent_step``).
 
   Args:
     rho: ρ ≥ 0, a float or an optax schedule (of the global step).
@@ -107,9 +114,10 @@ def looksam(
 
   def init(params: optax.Params) -> LookSAMState:
     return LookSAMState(count=jnp.zeros([], jnp.int32),
-                        orthogonal=jax.tree.map(jnp.zeros_like, params))
+                        orthogonal=jax.tree.map(jnp.zeros_like, params),
+                        ascent_next=jnp.asarray(True))
 
-  def rule(grads, state, ascent, *, rho):
+  def rule(grads, state, ascent, *, rho, ascent_step):
     # ``grads`` and ``sam_grads`` are per group (device, split); the surrogate
     # returned is too, and the skeleton averages it. What enters the state is
     # built from the averages ``g`` and ``g̃``, the same in every group.
@@ -127,9 +135,12 @@ def looksam(
           _ascent.global_norm(mean_grads), state.orthogonal, ascent.eps)
       return _ascent.scaled_sum(grads, scale, state.orthogonal), state.orthogonal
 
-    surrogate, orthogonal = _ascent.cond(state.count % k == 0, sam_step, reuse_step)
-    return surrogate, state._replace(orthogonal=orthogonal)
+    take = _ascent.chosen_phase(method, ascent_step, state.count % k == 0)
+    surrogate, orthogonal = _ascent.cond(take, sam_step, reuse_step)
+    next_count = optax.safe_increment(state.count)
+    return surrogate, state._replace(orthogonal=orthogonal,
+                                     ascent_next=next_count % k == 0)
 
   return _ascent.transformation(
       method, rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,
-      perturbation=perturbation, mask=mask, eps=eps, init=init)
+      perturbation=perturbation, mask=mask, eps=eps, init=init, phased=True)

@@ -17,6 +17,9 @@ import pytest
 import sam_optax
 from benchmarks import measure, methods, report, run, tasks
 
+# Its module-scoped fixtures are expensive: one xdist worker runs the whole file.
+pytestmark = pytest.mark.xdist_group("test_benchmarks")
+
 
 class TinyMLP(nn.Module):
   """6 → 8 → 3, ReLU: compiles in a fraction of a second; its activations
@@ -109,6 +112,23 @@ def test_conditional_methods_are_counted_per_branch(compiled):
   assert cheap == pytest.approx(sgd, rel=0.05)
   k = methods.CYCLE
   assert interval.flops == pytest.approx(full / k + cheap * (k - 1) / k)
+
+
+def test_static_phase_rows_compile_one_step_per_phase(compiled):
+  # The trainer's CPU form: two compiled steps, the one the state names is called.
+  for name in ("interval_sam", "looksam"):
+    static, cond = compiled[name + methods.STATIC], compiled[name]
+    assert set(static.runner.compiled) == {True, False}
+    assert static.phase_flops == pytest.approx(cond.phase_flops, rel=0.05)
+    assert static.flops == pytest.approx(cond.flops, rel=0.05)
+    # 1 warm-up + 2 timed calls: steps 0 (ascent), 1, 2.
+    assert int(static.runner.state[-1][0].count) == 3
+  stochastic = compiled["stochastic_sam" + methods.STATIC]
+  full, cheap = stochastic.phase_flops
+  p = methods.PROBABILITY
+  assert stochastic.flops == pytest.approx(p * full + (1 - p) * cheap)
+  assert full == pytest.approx(compiled["sam"].flops, rel=0.05)
+  assert cheap == pytest.approx(compiled["sgd"].flops, rel=0.05)
 
 
 def test_folded_flops_sees_the_branch_taken():

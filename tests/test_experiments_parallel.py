@@ -3,10 +3,14 @@
 The trainer's step is one ``jax.jit`` over a ``('data',)`` mesh of the 8
 fake CPU devices (root conftest). Checked here:
 
-* ``perturbation='device'`` (the default) equals a ``pmap`` step built from
-  the same registry entry with ``axis_name`` (each device perturbs with its
-  own shard's gradient) -- GSAM, BSAM and CSAM -- and differs from the
-  synchronized step (m-sharpness matters);
+* ``perturbation='device'`` (the default) runs a perturbing method's step in
+  ``shard_map`` and equals a ``pmap`` step built from the same registry entry
+  with ``axis_name`` (each device perturbs with its own shard's gradient) --
+  GSAM, BSAM and CSAM --, BatchNorm's running averages included (the mean of
+  the devices'), and the ``Splits`` step under ``jit`` (``'split'``, 8
+  groups); it differs from the synchronized step (m-sharpness matters) and
+  compiles to 2× SGD's flops (the ``Splits`` step recomputes each group's
+  gradient: more);
 * ``perturbation='global'`` equals the single-device step on the whole batch;
 * ``perturbation='split'`` with ``batch_splits=8`` on one device equals the
   per-device step on 8 devices (what the multi-host test compares with);
@@ -29,6 +33,9 @@ from experiments import main as cli
 from experiments import train
 from experiments.configs import imagenet_resnet50
 from test_experiments_train import tiny_config as _tiny
+
+# Its module-scoped fixtures are expensive: one xdist worker runs the whole file.
+pytestmark = pytest.mark.xdist_group("test_experiments_parallel")
 
 DEVICES = 8
 STEPS = 2
@@ -82,7 +89,8 @@ def pmap_params(config, pipeline, batches):
   params = jax.device_get(state.params)
   for leaf in jax.tree.leaves(params):  # every device applied the same update
     np.testing.assert_allclose(leaf, np.broadcast_to(leaf[0], leaf.shape), rtol=1e-6, atol=1e-7)
-  return jax.tree.map(lambda a: a[0], params)
+  # Each device keeps the running averages of its own shards' statistics.
+  return jax.tree.map(lambda a: a[0], params), jax.device_get(state.batch_stats)
 
 
 def assert_close(got, want, rtol=1e-4, atol=1e-5):
@@ -102,9 +110,28 @@ def max_difference(a, b):
 def test_per_device_perturbation_equals_pmap(name, pipeline, batches):
   config = tiny_config(method=name)  # perturbation='device' is the default
   got, run, state = trainer_params(config, pipeline, batches)
-  assert run.placement.batch_splits == DEVICES
+  assert run.placement.batch_splits == DEVICES and run.placement.per_device(run.method)
   assert len(state.params["Dense_0"]["kernel"].sharding.device_set) == DEVICES
-  assert_close(got, pmap_params(config, pipeline, batches))
+  params, batch_stats = pmap_params(config, pipeline, batches)
+  assert_close(got, params)
+  # BatchNorm: the shard's statistics on each device, their running averages
+  # averaged over the devices (an EMA is linear: the mean of the devices' EMAs).
+  assert_close(jax.device_get(state.batch_stats),
+               jax.tree.map(lambda a: a.mean(axis=0), batch_stats))
+
+
+def test_per_device_step_is_two_gradient_evaluations(pipeline, batches):
+  """shard_map: SAM's step is 2.0× SGD's flops; Splits(8) under jit recomputes g_i."""
+
+  def flops(**overrides):
+    run = train.create_run(tiny_config(**overrides), pipeline)
+    batch = run.placement.put_batch(batches[0])
+    cost = run.train_step.lower(run.state, batch, run.rng).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  sgd = flops(method="sgd")
+  assert flops(method="sam") / sgd == pytest.approx(2.0, rel=0.05)
+  assert flops(method="sam", perturbation="split", batch_splits=DEVICES) / sgd > 2.5
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +166,8 @@ def test_m_sharpness_changes_the_step(sam_runs):
 def test_results_report_the_perturbation(sam_runs):
   device_run = sam_runs["device"][1]
   assert device_run.placement.describe(device_run.method) == {
-      "perturbation": "device", "batch_splits": 8, "examples_per_perturbation": 10,
-      "devices": 8, "processes": 1}
+      "perturbation": "device", "batch_splits": 8, "step": "shard_map",
+      "examples_per_perturbation": 10, "devices": 8, "processes": 1}
   assert device_run.placement.describe(methods.get_method("sgd")) is None
 
 

@@ -21,6 +21,10 @@ import pytest
 from experiments import checkpoints, input_pipeline, methods, models, train
 from experiments import main as cli
 from experiments.configs import default
+from xla_cache import compilation_cache  # noqa: F401  (autouse)
+
+# Its module-scoped fixtures are expensive: one xdist worker runs the whole file.
+pytestmark = pytest.mark.xdist_group("test_experiments_train")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "experiments", "configs")
@@ -39,23 +43,6 @@ def run(config, workdir, **kwargs):
   assert isinstance(result, train.Result)
   return {**(result.report or {}), "state": result.state, "finished": result.finished,
           "step": result.step, "history": result.history}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """A persistent XLA cache for this module: each run re-traces the same step,
-  and identical programs then compile once (restored afterwards)."""
-  from jax._src import compilation_cache as cache  # pylint: disable=import-outside-toplevel
-
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  previous = {name: getattr(jax.config, name) for name in names}
-  jax.config.update(names[0], str(tmp_path_factory.getbasetemp() / "xla-cache"))
-  jax.config.update(names[1], 0.0)
-  cache.reset_cache()
-  yield
-  for name, value in previous.items():
-    jax.config.update(name, value)
-  cache.reset_cache()
 
 
 EPOCHS = 3
@@ -95,6 +82,19 @@ def test_every_method_trains_and_reports(name, trained):
   assert len(written["reliability_diagram"]["bin_count"]) == 15
   assert sum(written["reliability_diagram"]["bin_count"]) == 100
   chex.assert_tree_all_finite(results["state"].params)
+
+
+def test_cheap_phase_is_static_on_cpu_and_equals_the_conditional(tmp_path, trained):
+  """LookSAM's two compiled steps (the trainer's CPU form) = its lax.cond step."""
+  static = trained["looksam"][0]
+  assert static["phase"] == "static" and trained["sam"][0]["phase"] is None
+  cond = run(tiny_config(method="looksam", num_epochs=EPOCHS, phase="cond"), tmp_path)
+  assert cond["phase"] == "cond"
+  chex.assert_trees_all_close(cond["state"].params, static["state"].params,
+                              rtol=1e-5, atol=1e-6)
+  assert int(cond["state"].opt_state[0].count) == 5 * EPOCHS
+  with pytest.raises(train.UsageError, match="phase='static' applies to"):
+    run(tiny_config(method="sam", phase="static"), tmp_path / "sam")
 
 
 @pytest.mark.parametrize("name", ["saf", "mesa"])
@@ -367,6 +367,7 @@ def _fails(argv, capsys, *fragments):
     (["--config.dataset=mnist2d"], ["unknown dataset 'mnist2d'", "cifar10"]),
     (["--config.model=resnet7"], ["unknown model 'resnet7'"]),
     (["--config.label_noise=1.5"], ["label_noise must be in [0, 1]"]),
+    (["--config.phase=dynamic"], ["unknown phase 'dynamic'", "auto, static, cond"]),
     (["--config=/nonexistent/config.py"], ["No such file or directory"]),
     (["--config=experiments/configs/default.py:small"], ["unknown config argument 'small'"]),
     (["--nonsense=1"], ["Unknown command line flag 'nonsense'"]),

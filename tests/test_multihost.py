@@ -28,6 +28,9 @@ from experiments import checkpoints as checkpoints_lib
 from experiments import distributed, train
 from experiments import main as cli
 
+# Its module-scoped fixtures are expensive: one xdist worker runs the whole file.
+pytestmark = pytest.mark.xdist_group("test_multihost")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, LOCAL_DEVICES = 2, 2
 DEADLINE_S = 240  # generous for a loaded machine; the run itself takes ~30 s
@@ -160,8 +163,8 @@ def test_two_processes_equal_one_process_on_the_same_global_batches(two_processe
   results = json.loads((output_dir / "results.json").read_text())
   assert results["steps"] == 5 and results["finished"]
   assert results["m_sharpness"] == {"perturbation": "device", "batch_splits": 4,
-                                    "examples_per_perturbation": 20, "devices": 4,
-                                    "processes": 2}
+                                    "step": "shard_map", "examples_per_perturbation": 20,
+                                    "devices": 4, "processes": 2}
   assert reference["m_sharpness"]["batch_splits"] == 4
 
 
@@ -172,11 +175,18 @@ def test_evaluation_gathers_every_process(two_processes, reference):
   assert sum(results["reliability_diagram"]["bin_count"]) == 100
   assert abs(results["test"]["accuracy"] - reference["test"]["accuracy"]) <= 0.011
   np.testing.assert_allclose(results["test"]["nll"], reference["test"]["nll"], rtol=1e-3)
+  # The per-device step's training loss is the mean of the devices' losses, each
+  # with its shard's BatchNorm statistics; the reference's pass normalizes over
+  # the whole batch (the gradients it perturbs with are the groups' own, equal).
   np.testing.assert_allclose(results["history"]["train_loss"],
-                             reference["history"]["train_loss"], rtol=1e-4)
-  assert results["history"]["train_accuracy"] == reference["history"]["train_accuracy"]
+                             reference["history"]["train_loss"], rtol=1e-3)
+  # (The same for the training accuracy: at most one example of the 400 differs.)
+  np.testing.assert_allclose(results["history"]["train_accuracy"],
+                             reference["history"]["train_accuracy"], atol=1 / 400 + 1e-9)
+  # λ_max is taken with the running BatchNorm statistics: their variance is the
+  # mean of the shards' variances here, the whole batch's in the reference.
   np.testing.assert_allclose(results["hessian_top_eigenvalue"],
-                             reference["hessian_top_eigenvalue"], rtol=1e-3)
+                             reference["hessian_top_eigenvalue"], rtol=5e-3)
 
 
 def test_checkpoint_of_two_processes_restores_on_one(two_processes, reference):

@@ -9,6 +9,7 @@ import pytest
 from experiments import study, study_report
 from experiments import verdict as rule
 from experiments.configs import study as study_config
+from xla_cache import compilation_cache  # noqa: F401  (autouse: the seeds' runs compile once)
 
 
 class TestRule:

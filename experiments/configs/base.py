@@ -75,6 +75,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
   # Method hyperparameters, hparams.<method>.<name>: the constructors' defaults.
   config.hparams = hparams_config()
+  # LookSAM / interval / stochastic SAM: 'auto' = two compiled steps chosen in
+  # Python on CPU (a lax.cond is slow there for convolutions), lax.cond
+  # elsewhere; 'static' or 'cond' force one.
+  config.phase = "auto"
 
   # Devices. data_parallel: jit over a ('data',) mesh of every device. m-sharpness
   # of the SAM family: 'device' = one perturbation per device's shard (the SAM
