@@ -132,4 +132,11 @@ def looksam(
 
   return _ascent.transformation(
       method, rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,
-      perturbation=perturbation, mask=mask, eps=eps, init=init)
+      perturbation=perturbation, mask=mask, eps=eps, init=init,
+      unsupported={"Splits(sequential=True)": (
+          "LookSAM stores g_v = the part of mean(g̃_i) orthogonal to mean(g_i), a"
+          " non-linear function of the averages over all the groups, which a"
+          " one-group-at-a-time loop has only after the last group (and its reuse"
+          " steps scale by ‖mean(g_i)‖). Use sam_optax.Splits(n) (vectorized) or"
+          " sam_optax.MicroBatches(n) (gradient accumulation with one ascent for the"
+          " whole batch: global-batch LookSAM).")})
