@@ -187,6 +187,35 @@ def test_accumulated_grad_with_aux_stacks_the_aux():
   np.testing.assert_allclose(logits.reshape(8, 3), whole_logits, rtol=1e-6)
 
 
+def test_with_a_data_parallel_axis():
+  """Under pmap over 2 devices: ``MicroBatches(2, axis_name)`` is the step on the
+  global batch; ``Splits(2, axis_name, sequential=True)`` the vectorized one's."""
+  params, batch = PROBLEM.params, PROBLEM.batch(0)
+  shards = jax.tree.map(lambda a: a.reshape((2, -1) + a.shape[1:]), batch)
+  make = lambda p: sam_optax.fsam(RHO, sigma=SIGMA, lmbda=LMBDA, loss_fn=PROBLEM.loss_fn,
+                                  perturbation=p)
+  options = {"micro": sam_optax.MicroBatches(2, axis_name="data"),
+             "sequential": sam_optax.Splits(2, axis_name="data", sequential=True),
+             "vectorized": sam_optax.Splits(2, axis_name="data")}
+
+  def local(params, shard):
+    out = {}
+    for key, option in options.items():
+      tx = make(option)
+      grads = (sam_optax.accumulated_grad(PROBLEM.loss_fn, 2)(params, batch=shard)
+               if key == "micro" else jax.grad(PROBLEM.loss_fn)(params, shard))
+      out[key] = tx.update(grads, tx.init(params), params, batch=shard)
+    return out
+
+  out = jax.tree.map(lambda x: x[0], jax.pmap(local, axis_name="data", in_axes=(None, 0))(
+      params, shards))
+  whole = make(None)
+  want = whole.update(jax.grad(PROBLEM.loss_fn)(params, batch), whole.init(params), params,
+                      batch=batch)
+  chex.assert_trees_all_close(out["micro"], want, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(out["sequential"], out["vectorized"], rtol=1e-6, atol=1e-7)
+
+
 # --------------------------------------------------------------------------
 # (d) optax.MultiSteps around a re-evaluating method: refused.
 # --------------------------------------------------------------------------
