@@ -70,6 +70,8 @@ class Context:
       one perturbation from the step's whole gradient).
     axis_name: the data axis of a ``pmap`` / ``shard_map`` step (None under
       ``jax.jit``).
+    grad_accum_steps: micro-batches per step (> 1: the SAM family gets
+      ``sam_optax.MicroBatches``, one ascent for the whole batch).
   """
 
   loss_fn: Callable[..., Any]
@@ -86,16 +88,21 @@ class Context:
   seed: int = 0
   batch_splits: int | None = None
   axis_name: str | None = None
+  grad_accum_steps: int = 1
 
   def data_parallel(self, splits: bool = True) -> dict[str, Any]:
     """The library's data-parallel keywords (the only place that names them).
 
     The SAM family takes ``perturbation`` (``Splits(n)`` for ``n`` groups,
-    ``PerDevice(axis)`` under ``pmap`` / ``shard_map``); SAF and StableSAM
+    ``PerDevice(axis)`` under ``pmap`` / ``shard_map``, ``MicroBatches(k)``
+    with gradient accumulation); SAF and StableSAM
     take ``axis_name``. ``splits=False``: no ``Splits`` (ESAM: m-sharpness
     groups are not applied to it).
     """
-    if self.batch_splits and splits:
+    if self.grad_accum_steps > 1:
+      perturbation = sam_optax.MicroBatches(self.grad_accum_steps, batch_argnames=("batch",),
+                                            axis_name=self.axis_name)
+    elif self.batch_splits and splits:
       perturbation = sam_optax.Splits(self.batch_splits, axis_name=self.axis_name)
     else:
       perturbation = sam_optax.PerDevice(self.axis_name) if self.axis_name else None

@@ -97,6 +97,16 @@ def check_data_layout(config, num_devices: int, num_processes: int = 1) -> int |
                      f"{f' of the {num_processes} processes' if num_processes > 1 else ''};"
                      " change it" + (" or set --config.data_parallel=False."
                                      if num_processes == 1 else "."))
+  accum = config.grad_accum_steps
+  if accum > 1 and (batch // devices) % accum:
+    raise UsageError(f"grad_accum_steps={accum} does not divide the per-device batch"
+                     f" {batch // devices} (batch_size={batch} over {devices} device(s)):"
+                     " the micro-batches must have equal sizes.")
+  if accum > 1 and config.perturbation != "global" and (
+      config.perturbation == "split" or devices > 1):
+    raise UsageError(f"grad_accum_steps={accum} takes one ascent for the whole batch"
+                     f" (global-batch SAM), but perturbation={config.perturbation!r} asks for"
+                     " one per device or per split; set --config.perturbation=global.")
   if config.perturbation == "device":
     return devices if devices > 1 else None
   if config.perturbation == "split":

@@ -84,7 +84,7 @@ def make_loss_fns(model, label_smoothing: float = 0.0) -> LossFns:
 
 
 def make_train_step(loss_fns: LossFns, method: methods.Method, predict,
-                    axis_name: str | None = None):
+                    axis_name: str | None = None, grad_accum_steps: int = 1):
   """``train_step(state, batch, rng) -> (state, metrics)`` for ``method``.
 
   One forward and backward pass of the user's loss, then ``tx.update`` with
@@ -93,6 +93,19 @@ def make_train_step(loss_fns: LossFns, method: methods.Method, predict,
   when it is chosen at trace time: see :class:`PhasedStep`).
   For SAF and MESA the trajectory loss of the target read before the pass is
   added to the loss of that same pass.
+
+  With ``grad_accum_steps = k > 1`` the pass runs over ``k`` micro-batches
+  of the batch, one after the other (``sam_optax.accumulated_grad``): the
+  gradient is their mean (the whole batch's, for this mean loss), the logits
+  and per-example losses are concatenated, and the BatchNorm statistics are
+  the mean of the ``k`` micro-batches' updates of the same statistics (so the
+  running mean moves as with the whole batch; the running variance is the
+  micro-batches' within-variance). BatchNorm normalizes each micro-batch with
+  its own statistics, so with BatchNorm the step is that of a batch of
+  ``batch_size / k`` normalization groups ("ghost" BatchNorm), not exactly
+  the unaccumulated step; without BatchNorm (and dropout, whose key is the
+  step's for every micro-batch) it equals it. The method was built with
+  ``sam_optax.MicroBatches(k)`` (:meth:`experiments.methods.Context.data_parallel`).
 
   Args:
     loss_fns: :func:`make_loss_fns`.
@@ -105,6 +118,8 @@ def make_train_step(loss_fns: LossFns, method: methods.Method, predict,
       (``sam_optax.PerDevice``), BatchNorm normalizes with the shard's
       statistics and its running averages are averaged over the axis, the
       metrics are summed over it, and dropout draws per device.
+    grad_accum_steps: micro-batches per step (SAF, MESA and ESAM: 1 only,
+      checked by :func:`validate_config`).
   """
 
   def objective(params, batch_stats, batch, rng, target):
@@ -122,8 +137,16 @@ def make_train_step(loss_fns: LossFns, method: methods.Method, predict,
     step = method.step
     target = None if step.target is None else step.target(
         state.opt_state, state.params, state.batch_stats, batch, predict)
-    (_, (new_batch_stats, logits, loss, losses)), grads = jax.value_and_grad(
-        objective, has_aux=True)(state.params, target=target, **loss_args)
+    if grad_accum_steps > 1:
+      grads, (stacked_stats, logits, loss, losses) = sam_optax.accumulated_grad(
+          lambda params, **args: objective(params, target=target, **args), grad_accum_steps,
+          batch_argnames=("batch",), has_aux=True)(state.params, **loss_args)
+      new_batch_stats = jax.tree.map(lambda x: x.mean(0), stacked_stats)
+      logits, losses = (x.reshape((-1,) + x.shape[2:]) for x in (logits, losses))
+      loss = loss.mean()
+    else:
+      (_, (new_batch_stats, logits, loss, losses)), grads = jax.value_and_grad(
+          objective, has_aux=True)(state.params, target=target, **loss_args)
     state = state.apply_gradients(
         grads=grads, update_args={**step.update_args(loss_args, logits, losses), **phase},
         batch_stats=new_batch_stats)
@@ -237,9 +260,19 @@ def validate_config(config) -> None:
   _choice(config, "optimizer", ("sgd", "adamw"))
   _choice(config, "lr_schedule", ("cosine", "constant"))
   _choice(config, "phase", PHASES)
-  for name in ("num_epochs", "batch_size"):
-    if not isinstance(config[name], int) or config[name] < 1:
+  for name in ("num_epochs", "batch_size", "grad_accum_steps"):
+    if isinstance(config[name], bool) or not isinstance(config[name], int) or config[name] < 1:
       raise UsageError(f"{name} must be a positive integer, got {config[name]!r}.")
+  accum = config.grad_accum_steps
+  if accum > 1:
+    if config.batch_size % accum:
+      raise UsageError(f"grad_accum_steps={accum} does not divide batch_size="
+                       f"{config.batch_size}: the micro-batches must have equal sizes.")
+    step = methods.get_method(config.method).step
+    if step is not methods.STANDARD:
+      raise UsageError(f"grad_accum_steps={accum} is supported for sgd and the SAM family,"
+                       f" not for {config.method} (its {step.name} step reads the whole"
+                       " batch's logits or losses); set --config.grad_accum_steps=1.")
   if not 0.0 <= config.label_noise <= 1.0:
     raise UsageError(f"label_noise must be in [0, 1], got {config.label_noise!r}.")
   if not config.learning_rate > 0:
@@ -303,7 +336,7 @@ def make_context(config, pipeline, loss_fns: LossFns, batch_stats, *,
       steps_per_epoch=pipeline.steps_per_epoch, num_epochs=config.num_epochs,
       num_examples=pipeline.num_train_examples, num_classes=pipeline.num_classes,
       model_state=batch_stats, seed=config.seed, batch_splits=batch_splits,
-      axis_name=axis_name)
+      axis_name=axis_name, grad_accum_steps=config.grad_accum_steps)
 
 
 def create_run(config, pipeline, placement: Placement | None = None) -> Run:
@@ -328,7 +361,8 @@ def create_run(config, pipeline, placement: Placement | None = None) -> Run:
   # A fresh buffer for every leaf: a transform's init may alias the params
   # (e.g. an EMA started as a copy of them), and the step donates the state.
   state = jax.tree.map(jnp.copy, state.replace(step=jnp.asarray(0, jnp.int32)))
-  train_step = make_train_step(loss_fns, method, make_predict(model), axis_name)
+  train_step = make_train_step(loss_fns, method, make_predict(model), axis_name,
+                               config.grad_accum_steps)
   jit_step = functools.partial(placement.jit_step, per_device=axis_name is not None)
   phase = phase_form(config, state.opt_state)
   return Run(

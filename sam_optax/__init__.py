@@ -12,6 +12,7 @@ method (``_sam.py``, ``_gsam.py``, ...) on the skeleton of ``_ascent.py``;
 """
 
 from sam_optax import losses, schedules
+from sam_optax._accumulation import accumulated_grad
 from sam_optax._asam import asam, not_a_bias
 from sam_optax._ascent import SAMState, takes_ascent_step
 from sam_optax._bsam import bsam
@@ -24,7 +25,7 @@ from sam_optax._interval import (IntervalState, StochasticState, every_k, interv
 from sam_optax._looksam import LookSAMState, looksam
 from sam_optax._mesa import MESAState, mesa, mesa_model_state, mesa_params, mesa_target
 from sam_optax._msam import MSAMState, msam, msam_eval_params
-from sam_optax._parallel import PerDevice, Perturbation, Splits, Synced
+from sam_optax._parallel import MicroBatches, PerDevice, Perturbation, Splits, Synced
 from sam_optax._saf import SAFState, saf, saf_check, saf_target
 from sam_optax._sam import sam, usam
 from sam_optax._stable import stable_sam
@@ -41,6 +42,7 @@ __all__ = [
     "LookSAMState",
     "MESAState",
     "MSAMState",
+    "MicroBatches",
     "PerDevice",
     "Perturbation",
     "SAFState",
@@ -50,6 +52,7 @@ __all__ = [
     "Synced",
     "VaSSOState",
     "WSAMDecoupledState",
+    "accumulated_grad",
     "asam",
     "bsam",
     "csam",

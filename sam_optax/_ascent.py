@@ -22,7 +22,11 @@ base optimizer. This module holds the pieces they share, written once:
   state and an :class:`Ascent` that applies the perturbation mask
   (:func:`resolve_mask`) and the data-parallel option of
   :mod:`sam_optax._parallel` (per device, synchronized, per group of
-  examples: :func:`split_arguments`, :func:`mean_over_axis`);
+  examples: :func:`split_arguments`, :func:`mean_over_axis`), gradient
+  accumulation over micro-batches (:func:`mean_over_groups`), the state kept
+  on a step whose surrogate is not finite (:func:`keep_state_if_not_finite`)
+  and the trace-time refusal of the placements that would be silently wrong
+  (:func:`check_not_wrapped`);
 * what wrappers of a method share (:func:`check_inner`, :func:`cond`,
   :func:`advance_counts`) and the scheduling aid :func:`sequenced`.
 """
@@ -33,6 +37,7 @@ import dataclasses
 import inspect
 import math
 import numbers
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeAlias
 
@@ -525,6 +530,7 @@ def transformation(
     ascent_gradient_factory: GradientFactory | None = None,
     split_argnames: Sequence[str] = (),
     phased: bool = False,
+    unsupported: Mapping[str, str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds a method of the family from its ``rule``: the one skeleton.
 
@@ -545,7 +551,20 @@ def transformation(
     group's loss; the surrogate is the mean over the groups. The extra
     arguments split are the option's ``batch_argnames`` and those of
     ``split_argnames`` that ``update`` got (per-example inputs of the
-    method itself).
+    method itself). With ``sequential=True`` the groups run one after the
+    other (:func:`mean_over_groups`): the surrogate and the floating leaves
+    of the new state are the means over the groups, so the rule's new state
+    must be an affine function of the values it averages with
+    ``Ascent.mean`` (true of every rule here but LookSAM's, which says so in
+    ``unsupported``);
+  * :class:`~sam_optax.MicroBatches`: the rule runs once on ``g`` (averaged
+    over the option's axis, if any); its ``gradient_fn`` is the mean over the
+    micro-batches of the per-micro-batch gradients (:func:`mean_over_groups`).
+
+  Whatever the option, the step's new state is kept only if the surrogate
+  is finite (:func:`keep_state_if_not_finite`), and ``update`` refuses, at
+  trace time, to run inside ``optax.MultiSteps`` or ``optax.apply_if_finite``
+  (:func:`check_not_wrapped`).
 
   Args:
     method: the constructor's name, for error messages.
@@ -567,6 +586,10 @@ def transformation(
       also gets ``ascent_step``, the extra argument of ``update`` (None, or
       the phase as a Python bool, see :func:`chosen_phase`). Other methods
       reject ``ascent_step=False``.
+    unsupported: ``{option: reason}`` for the data-parallel options the
+      method cannot take, keyed as :func:`sam_optax._parallel.kind_of`
+      spells them (``"MicroBatches"``, ``"Splits(sequential=True)"``, ...);
+      such an option is refused at construction with the reason.
 
   Returns:
     The method's ``optax.GradientTransformationExtraArgs``.
@@ -592,6 +615,9 @@ def transformation(
   check_callable("loss_fn", loss_fn, method)
   check_positive("eps", eps, method)
   _parallel.check_perturbation(method, perturbation)
+  kind = _parallel.kind_of(perturbation)
+  if unsupported and kind in unsupported:
+    raise ValueError(f"{method}: perturbation={perturbation!r} is not supported: {unsupported[kind]}")
   if mask is not None and not callable(mask):
     resolve_mask(method, mask, mask)  # structure and leaf types, at once
   axis_name = _parallel.axis_of(perturbation)
@@ -604,6 +630,7 @@ def transformation(
     init = lambda params: SAMState(count=jnp.zeros([], jnp.int32))
 
   def update(updates, state, params=None, **extra_args):
+    check_not_wrapped(method)
     check_update_inputs(method, updates, params)
     values = {name: radius_at(value, state.count) for name, value in radii.items()}
     if phased:
@@ -617,14 +644,29 @@ def transformation(
       surrogate, new_state = rule(grads, state, ascent, **values)
       return cast_like(surrogate, updates), new_state
 
+    def split(option: _parallel.Splits | _parallel.MicroBatches, names: Sequence[str]):
+      return split_arguments(method, extra_args, names, option.n, type(option).__name__)
+
     if isinstance(perturbation, _parallel.Synced):
       local_gradient_fn = gradient_factory(params, extra_args)
       surrogate, new_state = run(
           mean_over_axis(updates, axis_name),
           lambda point: mean_over_axis(local_gradient_fn(point), axis_name),
           mean=lambda tree: tree)
+    elif isinstance(perturbation, _parallel.MicroBatches):
+      micro_batches = split(perturbation, perturbation.batch_argnames)
+
+      def accumulated_gradient_fn(point):
+        return mean_over_axis(mean_over_groups(
+            lambda micro: gradient_factory(params, {**extra_args, **micro})(point),
+            micro_batches, perturbation.n), axis_name)
+
+      surrogate, new_state = run(mean_over_axis(updates, axis_name), accumulated_gradient_fn,
+                                 mean=lambda tree: tree)
     elif isinstance(perturbation, _parallel.Splits):
-      axes = _GROUPS if axis_name is None else (_GROUPS, axis_name)
+      sequential = perturbation.sequential
+      axes = axis_name if sequential else (
+          _GROUPS if axis_name is None else (_GROUPS, axis_name))
 
       def one_group(group_args):
         args = {**extra_args, **group_args}
@@ -632,22 +674,119 @@ def transformation(
         return run(group_grads, gradient_factory(params, args),
                    mean=lambda tree: mean_over_axis(tree, axes))
 
-      names = tuple(perturbation.batch_argnames) + tuple(
-          name for name in split_argnames if name in extra_args)
-      groups = split_arguments(method, extra_args, names, perturbation.n)
-      surrogate, new_state = jax.vmap(one_group, axis_name=_GROUPS)(groups)
-      surrogate = mean_over_axis(
-          jax.tree.map(lambda x: jnp.mean(x, axis=0), surrogate), axis_name)
-      # The same in every group by the rule's contract (built from means).
-      new_state = jax.tree.map(lambda x: x[0], new_state)
+      groups = split(perturbation, tuple(perturbation.batch_argnames) + tuple(
+          name for name in split_argnames if name in extra_args))
+      if sequential:
+        # The surrogate and the state's floating leaves: means over the groups.
+        surrogate, new_state = mean_over_groups(one_group, groups, perturbation.n)
+      else:
+        surrogate, new_state = jax.vmap(one_group, axis_name=_GROUPS)(groups)
+        surrogate = jax.tree.map(lambda x: jnp.mean(x, axis=0), surrogate)
+        # The same in every group by the rule's contract (built from means).
+        new_state = jax.tree.map(lambda x: x[0], new_state)
+      surrogate = mean_over_axis(surrogate, axis_name)
     else:
       surrogate, new_state = run(
           updates, gradient_factory(params, extra_args),
           mean=lambda tree: mean_over_axis(tree, axis_name))
       surrogate = mean_over_axis(surrogate, axis_name)
+    new_state = keep_state_if_not_finite(surrogate, state, new_state)
     return surrogate, new_state._replace(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def keep_state_if_not_finite(surrogate: Any, state: Any, new_state: Any) -> Any:
+  """``new_state`` if every leaf of ``surrogate`` is finite, else ``state``.
+
+  The method's accumulators (LookSAM's ``g_v``, FriendlySAM's and VaSSO's
+  EMAs, ...) never take in a step whose surrogate gradient holds a NaN or an
+  inf (e.g. a NaN of the loss at the ascent point): that step's state is
+  the previous one. Its ``count`` is advanced by the caller either way, as
+  on a skipped step of :func:`sam_optax.every_k` (:func:`advance_counts`),
+  so ρ schedules keep following the step number; the phase of the next step
+  (``ascent_next``) is step bookkeeping too and always advances. A state of
+  counts only is returned as it is.
+  """
+  def is_bookkeeping(path):
+    return (bool(path) and isinstance(path[-1], jax.tree_util.GetAttrKey)
+            and path[-1].name in ("count", "ascent_next"))
+
+  kept = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(new_state)
+          if not is_bookkeeping(path)]
+  if not kept:
+    return new_state
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(surrogate)]))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, new, old: new if is_bookkeeping(path) else jnp.where(finite, new, old),
+      new_state, state)
+
+
+# The qualified names of the two optax updates that check_not_wrapped refuses.
+_MULTI_STEPS = "MultiSteps.update"
+_APPLY_IF_FINITE = "apply_if_finite.<locals>.update"
+
+
+def check_not_wrapped(method: str, *, apply_if_finite: bool = True,
+                      multi_steps: str | None = None) -> None:
+  """Raises ``TypeError`` if ``method``'s update runs inside ``optax.MultiSteps``
+  (or, with ``apply_if_finite``, inside ``optax.apply_if_finite``).
+
+  It walks the Python call stack outward looking for the code of those two
+  optax updates, so it costs nothing once the step is traced (it runs at
+  trace time, or on each eager call). Both placements are silently wrong
+  for a method that re-evaluates the gradient:
+
+  * ``optax.MultiSteps(optax.chain(method, base), k)`` calls the inner
+    update on every micro-step, with the running average of the gradients
+    and the extra arguments of the current micro-batch, and keeps the state
+    only when it emits: ``k`` re-evaluations per step, and the step applies
+    the gradient of the last micro-batch at the averaged ascent point,
+    neither global-batch nor per-micro-batch SAM.
+  * ``optax.apply_if_finite(optax.chain(method, base))`` checks the gradient
+    it is given, finite at ``w``, before the method re-evaluates it at the
+    ascent point: a NaN there reaches the parameters (``notfinite_count``
+    stays 0).
+
+  ``multi_steps``: the method's own reason and remedy for the MultiSteps
+  message (default: the SAM family's).
+  """
+  frame: Any = sys._getframe(1)  # pylint: disable=protected-access
+  while frame is not None:
+    code = frame.f_code
+    name = getattr(code, "co_qualname", code.co_name)
+    module = frame.f_globals.get("__name__", "")
+    if module.startswith("optax") and name == _MULTI_STEPS:
+      if multi_steps is not None:
+        raise TypeError(f"{method}: update() runs inside optax.MultiSteps, {multi_steps}")
+      raise TypeError(
+          f"{method}: update() runs inside optax.MultiSteps, which calls it on every"
+          " micro-step with the running average of the gradients and the extra"
+          " arguments of the current micro-batch only, keeping its state only when it"
+          " emits: the step would apply the gradient of the last micro-batch at the"
+          " averaged ascent point (k re-evaluations per step), neither global-batch"
+          " nor per-micro-batch SAM. Drop MultiSteps and call update once per"
+          " optimizer step with the whole batch and either"
+          f" sam_optax.{method}(..., perturbation=sam_optax.MicroBatches(k)) (one ascent"
+          " from the accumulated gradient, e.g. sam_optax.accumulated_grad(loss_fn, k):"
+          f" global-batch SAM) or sam_optax.{method}(...,"
+          " perturbation=sam_optax.Splits(k, sequential=True)) (an ascent per"
+          " micro-batch, averaged); both loop over the micro-batches with jax.lax.scan."
+          " See the README, 'Gradient accumulation'.")
+    if apply_if_finite and module.startswith("optax") and name == _APPLY_IF_FINITE:
+      hint = (" wsam_decoupled adds its sharpness term after its own base optimizer,"
+              " so no apply_if_finite placement protects it: use sam_optax.wsam(...)"
+              " chained before optax.apply_if_finite(base) instead."
+              if method == "wsam_decoupled" else "")
+      raise TypeError(
+          f"{method}: update() runs inside optax.apply_if_finite, which checks the"
+          " gradient it is given (at w) before the method re-evaluates the loss at the"
+          " perturbed weights: a NaN or inf at the ascent point would reach the"
+          " parameters unnoticed. Put the check after the method instead:"
+          f" optax.chain(sam_optax.{method}(...), optax.apply_if_finite(base_optimizer,"
+          " max_consecutive_errors)); it also catches a non-finite gradient at w, which"
+          " makes the surrogate non-finite." + hint)
+    frame = frame.f_back
 
 
 def advance_counts(state: Any) -> Any:
@@ -866,21 +1005,56 @@ def split_arguments(
     extra_args: Mapping[str, Any],
     names: Sequence[str],
     splits: int,
+    kind: str = "Splits",
 ) -> dict[str, Any]:
-  """The named extra arguments, each leaf reshaped ``[B, ...] → [splits, B/splits, ...]``."""
+  """The named extra arguments, each leaf reshaped ``[B, ...] → [splits, B/splits, ...]``.
+
+  Group ``i`` holds rows ``i·B/splits`` to ``(i+1)·B/splits − 1``. ``kind``
+  names the option in error messages.
+  """
 
   def split(path, leaf):
     shape = jnp.shape(leaf)
     if not shape or shape[0] % splits:
       raise ValueError(
-          f"{method}: Splits(n={splits}): n must divide the leading (batch)"
+          f"{method}: {kind}(n={splits}): n must divide the leading (batch)"
           f" dimension of every leaf of {list(names)}, but"
           f" {jax.tree_util.keystr(path) or 'the argument'} has shape {shape}.")
     return jnp.reshape(leaf, (splits, shape[0] // splits) + shape[1:])
 
   return map_batch_arguments(
       method, extra_args, names,
-      f"Splits(n={splits}) splits along axis 0", split)
+      f"{kind}(n={splits}) splits along axis 0", split)
+
+
+def _floating(leaf: Any) -> bool:
+  return bool(jnp.issubdtype(leaf.dtype, jnp.floating))
+
+
+def mean_over_groups(fn: Callable[[Any], Any], groups: Any, n: int) -> Any:
+  """``(1/n) Σ_i fn(group_i)``, one group after the other (``jax.lax.scan``).
+
+  ``groups``: a pytree whose leaves have a leading axis of size ``n`` (from
+  :func:`split_arguments`). Only one group's intermediate values (a
+  micro-batch's activations) are alive at a time. Floating leaves of the
+  result are summed in (at least) float32 and returned in ``fn``'s dtypes;
+  other leaves (counters, flags, keys) are the last group's.
+  """
+  shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], groups))
+
+  def accumulator(shape):
+    dtype = jnp.promote_types(shape.dtype, jnp.float32) if _floating(shape) else shape.dtype
+    return jnp.zeros(shape.shape, dtype)
+
+  def body(total, group):
+    out = fn(group)
+    return jax.tree.map(
+        lambda t, o, shape: t + jnp.asarray(o, t.dtype) if _floating(shape) else jnp.asarray(o),
+        total, out, shapes), None
+
+  total, _ = jax.lax.scan(body, jax.tree.map(accumulator, shapes), groups)
+  return jax.tree.map(
+      lambda t, shape: (t / n).astype(shape.dtype) if _floating(shape) else t, total, shapes)
 
 
 def mean_over_axis(tree: Any, axis_name: str | tuple[str, ...] | None) -> Any:

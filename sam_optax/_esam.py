@@ -217,7 +217,13 @@ def esam(
       perturbation=perturbation, mask=mask, eps=eps, init=init,
       gradient_factory=selected_gradient,
       ascent_gradient_factory=mean_loss_gradient,
-      split_argnames=("per_example_losses",))
+      split_argnames=("per_example_losses",),
+      unsupported={"MicroBatches": (
+          "ESAM's data selection (SDS) keeps the ⌈γB⌉ examples of the whole batch"
+          " whose loss rose most at the ascent point, which needs every example's loss"
+          " at once, not a sum over micro-batches. Use"
+          " sam_optax.Splits(n, sequential=True) (gradient accumulation with an ascent"
+          " and a selection per micro-batch) or no accumulation.")})
 
 
 def _per_example(loss_fn: LossFn, has_aux: bool) -> Callable[..., jax.Array]:

@@ -21,7 +21,9 @@ class LookSAMState(NamedTuple):
     orthogonal: ``g_v``, the component of the last SAM gradient orthogonal to
       the clean gradient of that step (zeros before step 0).
     ascent_next: whether the next step is a SAM step (``count mod k = 0``),
-      for :func:`sam_optax.takes_ascent_step`.
+      for :func:`sam_optax.takes_ascent_step` (inside a wrapper that skips
+      steps, such as ``every_k``, it is not advanced on the skipped steps;
+      ``takes_ascent_step`` reads the outermost method's).
   """
 
   count: jax.Array  # type: ignore[assignment]  # shadows tuple.count
@@ -143,4 +145,11 @@ def looksam(
 
   return _ascent.transformation(
       method, rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,
-      perturbation=perturbation, mask=mask, eps=eps, init=init, phased=True)
+      perturbation=perturbation, mask=mask, eps=eps, init=init, phased=True,
+      unsupported={"Splits(sequential=True)": (
+          "LookSAM stores g_v = the part of mean(g̃_i) orthogonal to mean(g_i), a"
+          " non-linear function of the averages over all the groups, which a"
+          " one-group-at-a-time loop has only after the last group (and its reuse"
+          " steps scale by ‖mean(g_i)‖). Use sam_optax.Splits(n) (vectorized) or"
+          " sam_optax.MicroBatches(n) (gradient accumulation with one ascent for the"
+          " whole batch: global-batch LookSAM).")})

@@ -147,6 +147,13 @@ def msam(
                      " (at 1 the EMA would never see a gradient).")
   _ascent.check_positive("eps", eps, method)
   _parallel.check_perturbation(method, perturbation)
+  if isinstance(perturbation, _parallel.MicroBatches):
+    raise ValueError(
+        f"{method}: perturbation={perturbation!r} is not supported: MSAM re-evaluates no"
+        " gradient, so there is nothing to accumulate inside it. Give update() the"
+        " gradient accumulated over the micro-batches (sam_optax.accumulated_grad(loss_fn,"
+        " n) at the weights you hold), or wrap it: optax.MultiSteps(msam(...), k), which"
+        " is right for MSAM.")
   if isinstance(perturbation, (_parallel.PerDevice, _parallel.Splits)):
     raise TypeError(
         f"{method}: perturbation={perturbation!r} is not supported: MSAM"

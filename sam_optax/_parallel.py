@@ -12,14 +12,23 @@ Every method that re-evaluates the gradient takes ``perturbation=``, one of
 * :class:`Synced` ``(axis_name)``: one perturbation from the gradient
   averaged over ``axis_name``, every re-evaluated gradient averaged too: the
   step of the single-device method on the global batch.
-* :class:`Splits` ``(n, batch_argnames=("batch",), axis_name=None)``: a
-  perturbation per group of ``B / n`` examples inside the batch (m-sharpness
-  within a device, or under a sharded ``jax.jit`` with ``n`` = the device
-  count); with ``axis_name`` the surrogate is also averaged over that axis.
+* :class:`Splits` ``(n, batch_argnames=("batch",), axis_name=None,
+  sequential=False)``: a perturbation per group of ``B / n`` examples inside
+  the batch (m-sharpness within a device, or under a sharded ``jax.jit`` with
+  ``n`` = the device count); with ``axis_name`` the surrogate is also
+  averaged over that axis. ``sequential=True`` runs the groups one after the
+  other (``jax.lax.scan``) instead of vectorized, so only one group's
+  activations are alive at a time: gradient accumulation with a perturbation
+  per micro-batch.
+* :class:`MicroBatches` ``(n, batch_argnames=("batch",), axis_name=None)``:
+  gradient accumulation with one perturbation for the whole batch: the ascent
+  from the gradient given (the accumulated one), every re-evaluated gradient
+  the mean over ``n`` micro-batches computed one after the other.
 
 Each is a frozen dataclass that checks its fields when built, so a
 contradictory combination (a synchronized perturbation per group, a
-synchronized perturbation without an axis) cannot be written.
+synchronized perturbation without an axis, one perturbation per micro-batch
+*and* one for the whole batch) cannot be written.
 """
 
 from __future__ import annotations
@@ -27,6 +36,20 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Sequence
+
+
+def _check_n(kind: str, n: object) -> None:
+  if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+    raise ValueError(f"{kind}: n must be an int >= 1, got n={n!r}.")
+
+
+def _check_batch_argnames(kind: str, names: object) -> tuple[str, ...]:
+  if (isinstance(names, str) or not isinstance(names, Sequence) or not names
+      or not all(isinstance(name, str) for name in names)):
+    raise TypeError(
+        f"{kind}: batch_argnames must be a non-empty sequence of names of"
+        f" update()'s extra arguments, got {names!r}.")
+  return tuple(names)
 
 
 def _check_axis_name(kind: str, axis_name: object, optional: bool = False) -> None:
@@ -82,25 +105,117 @@ class Synced(_OnAxis):
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-  """A perturbation per group of ``B / n`` examples of the batch.
+  r"""A perturbation per group of ``B / n`` examples of the batch.
 
   The extra arguments of ``update`` named in ``batch_argnames`` are split
-  along axis 0 into ``n`` groups; each group's gradient ``g_i = ∇L_i(w)``
-  is recomputed (one extra pass, vectorized over the groups) and the
-  method's rule runs per group with ``g_i`` and ``∇L_i``; the surrogate is
-  the mean over groups (and over ``axis_name`` if given). Under ``jax.jit``
-  with a batch sharded over ``n`` devices, ``Splits(n)`` gives the
-  per-device perturbation of ``pmap``.
+  along axis 0 into ``n`` groups (group ``i``: rows ``i·B/n`` to
+  ``(i+1)·B/n − 1``); each group's gradient ``g_i = ∇L_i(w)`` is recomputed
+  (one extra pass) and the method's rule runs per group with ``g_i`` and
+  ``∇L_i``; the surrogate is the mean over groups (and over ``axis_name`` if
+  given):
+
+  .. math::
+
+    g̃ = \frac1n \sum_{i=1}^n ∇L_i\big(w + ε_i\big), \qquad
+    ε_i = ρ\,g_i / (‖g_i‖ + δ) \ \text{(SAM)}.
+
+  Under ``jax.jit`` with a batch sharded over ``n`` devices, ``Splits(n)``
+  gives the per-device perturbation of ``pmap``.
+
+  ``sequential=False`` vectorizes over the groups (``jax.vmap``: every
+  group's activations at once). ``sequential=True`` computes the same
+  numbers one group after the other (``jax.lax.scan``), so only one group's
+  activations are alive at a time: this is gradient accumulation with a
+  perturbation per micro-batch (m-sharpness with m = the micro-batch), in
+  one ``update`` call per optimizer step, so ρ schedules and every step
+  counter count optimizer steps. A method whose state is a non-linear
+  function of the averages over the groups (LookSAM) rejects it.
 
   Attributes:
-    n: the number of groups, an int ≥ 1.
+    n: the number of groups (micro-batches), an int ≥ 1.
+    batch_argnames: the extra arguments of ``update`` to split (model state
+      such as BatchNorm statistics is not split).
+    axis_name: the data-parallel axis to average over as well, or None.
+    sequential: loop over the groups instead of vectorizing.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, sam_optax
+    >>> loss_fn = lambda w, batch: jnp.mean((batch[0] @ w - batch[1]) ** 2)
+    >>> x, y = jnp.arange(24.0).reshape(8, 3) / 10, jnp.ones(8)
+    >>> w = jnp.array([0.1, -0.2, 0.3])
+    >>> g = jax.grad(loss_fn)(w, (x, y))
+    >>> vectorized, sequential = (
+    ...     sam_optax.sam(0.05, loss_fn=loss_fn, perturbation=sam_optax.Splits(4, sequential=s))
+    ...     for s in (False, True))
+    >>> a, _ = vectorized.update(g, vectorized.init(w), w, batch=(x, y))
+    >>> b, _ = sequential.update(g, sequential.init(w), w, batch=(x, y))
+    >>> bool(jnp.allclose(a, b, rtol=1e-5))
+    True
+  """
+
+  n: int
+  batch_argnames: Sequence[str] = ("batch",)
+  axis_name: str | None = None
+  sequential: bool = False
+
+  def __post_init__(self):
+    _check_n("Splits", self.n)
+    object.__setattr__(self, "batch_argnames",
+                       _check_batch_argnames("Splits", self.batch_argnames))
+    _check_axis_name("Splits", self.axis_name, optional=True)
+    if not isinstance(self.sequential, bool):
+      raise TypeError(f"Splits: sequential must be a bool, got sequential={self.sequential!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatches:
+  r"""Gradient accumulation with one perturbation for the whole batch.
+
+  ``update`` gets the gradient ``g`` of the whole batch of one optimizer
+  step (accumulated over its micro-batches, e.g. by
+  :func:`sam_optax.accumulated_grad`) and the whole batch as extra
+  arguments. The arguments named in ``batch_argnames`` are split along axis
+  0 into ``n`` micro-batches ``B_1, …, B_n``; the ascent is the method's,
+  from ``g``, and every gradient the method re-evaluates is the mean over the
+  micro-batches, computed one after the other (``jax.lax.scan``, so only one
+  micro-batch's activations are alive at a time):
+
+  .. math::
+
+    ŵ = w + ρ\,g / (‖g‖ + δ) \ \text{(SAM)}, \qquad
+    g̃ = \frac1n \sum_{i=1}^n ∇L_{B_i}(ŵ).
+
+  For a loss that is a mean over examples and micro-batches of equal size,
+  ``g̃`` is the full-batch gradient at ``ŵ``: the step is the method's step
+  on the whole batch (global-batch SAM), with the memory of one
+  micro-batch. One ``update`` call is one optimizer step, so ρ schedules and
+  every step counter count optimizer steps. With ``axis_name`` (inside
+  ``jax.pmap`` / ``shard_map``) ``g`` and every re-evaluated gradient are
+  also averaged over that axis, as with :class:`Synced`.
+
+  Every method that re-evaluates the gradient takes it, except ESAM (its
+  data selection ranks the examples of the whole batch at once) and MSAM
+  (it re-evaluates nothing: give it the accumulated gradient).
+
+  Attributes:
+    n: the number of micro-batches, an int ≥ 1; it must divide the leading
+      (batch) dimension of every leaf of the ``batch_argnames`` arguments.
     batch_argnames: the extra arguments of ``update`` to split (model state
       such as BatchNorm statistics is not split).
     axis_name: the data-parallel axis to average over as well, or None.
 
   Example:
-    >>> import sam_optax
-    >>> tx = sam_optax.sam(0.05, perturbation=sam_optax.Splits(8))
+    >>> import jax, jax.numpy as jnp, optax, sam_optax
+    >>> loss_fn = lambda w, batch: jnp.mean((batch[0] @ w - batch[1]) ** 2)
+    >>> x, y = jnp.arange(24.0).reshape(8, 3) / 10, jnp.ones(8)
+    >>> w = jnp.array([0.1, -0.2, 0.3])
+    >>> tx = sam_optax.sam(0.05, loss_fn=loss_fn, perturbation=sam_optax.MicroBatches(4))
+    >>> g = sam_optax.accumulated_grad(loss_fn, 4)(w, batch=(x, y))
+    >>> accumulated, _ = tx.update(g, tx.init(w), w, batch=(x, y))
+    >>> full = sam_optax.sam(0.05, loss_fn=loss_fn)
+    >>> whole, _ = full.update(jax.grad(loss_fn)(w, (x, y)), full.init(w), w, batch=(x, y))
+    >>> bool(jnp.allclose(accumulated, whole, rtol=1e-5))
+    True
   """
 
   n: int
@@ -108,30 +223,32 @@ class Splits:
   axis_name: str | None = None
 
   def __post_init__(self):
-    if isinstance(self.n, bool) or not isinstance(self.n, numbers.Integral) or self.n < 1:
-      raise ValueError(f"Splits: n must be an int >= 1, got n={self.n!r}.")
-    names = self.batch_argnames
-    if (isinstance(names, str) or not isinstance(names, Sequence) or not names
-        or not all(isinstance(name, str) for name in names)):
-      raise TypeError(
-          "Splits: batch_argnames must be a non-empty sequence of names of"
-          f" update()'s extra arguments, got {names!r}.")
-    object.__setattr__(self, "batch_argnames", tuple(names))
-    _check_axis_name("Splits", self.axis_name, optional=True)
+    _check_n("MicroBatches", self.n)
+    object.__setattr__(self, "batch_argnames",
+                       _check_batch_argnames("MicroBatches", self.batch_argnames))
+    _check_axis_name("MicroBatches", self.axis_name, optional=True)
 
 
-Perturbation = PerDevice | Synced | Splits
+Perturbation = PerDevice | Synced | Splits | MicroBatches
 """Where the perturbation is computed (see the module docstring)."""
 
 
 def check_perturbation(method: str, perturbation: object) -> None:
   """Raises ``TypeError`` unless ``perturbation`` is None or one of the three."""
-  if perturbation is None or isinstance(perturbation, (PerDevice, Synced, Splits)):
+  if perturbation is None or isinstance(perturbation, (PerDevice, Synced, Splits, MicroBatches)):
     return
   raise TypeError(
       f"{method}: perturbation must be None, sam_optax.PerDevice(axis_name),"
-      " sam_optax.Synced(axis_name) or sam_optax.Splits(n, ...), got"
+      " sam_optax.Synced(axis_name), sam_optax.Splits(n, ...) or"
+      " sam_optax.MicroBatches(n, ...), got"
       f" {type(perturbation).__name__} {perturbation!r}.")
+
+
+def kind_of(perturbation: Perturbation | None) -> str:
+  """The option's name as a method's table of unsupported options spells it."""
+  if isinstance(perturbation, Splits) and perturbation.sequential:
+    return "Splits(sequential=True)"
+  return type(perturbation).__name__ if perturbation is not None else "None"
 
 
 def axis_of(perturbation: Perturbation | None) -> str | None:

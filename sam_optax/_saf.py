@@ -343,6 +343,13 @@ def saf(
   def update(updates, state, params=None, *, logits=None, example_index=None,
              example_mask=None, **extra_args):
     del params, extra_args
+    _ascent.check_not_wrapped("saf", apply_if_finite=False, multi_steps=(
+        "which keeps the state of the call of the last micro-step only: the logit bank"
+        " would record the logits of the last micro-batch of each step, not the others."
+        " Drop MultiSteps and call update once per optimizer step with the gradient"
+        " accumulated over the micro-batches (sam_optax.accumulated_grad(loss_fn, k,"
+        " has_aux=True), the logits in aux) and the logits and example_index of the"
+        " whole batch."))
     if logits is None or example_index is None:
       raise ValueError(
           "saf: update() needs the logits of this step's forward pass and the"

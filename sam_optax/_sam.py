@@ -43,6 +43,15 @@ def sam(
   single-device step on the global batch); ``sam_optax.Splits(n)`` perturbs
   per group of ``B / n`` examples. See :class:`sam_optax.PerDevice`, :class:`sam_optax.Synced` and :class:`sam_optax.Splits`.
 
+  Gradient accumulation (one ``update`` per optimizer step, with the whole
+  batch): ``perturbation=sam_optax.MicroBatches(k)`` takes the ascent from
+  the accumulated gradient (:func:`sam_optax.accumulated_grad`) and averages
+  the re-evaluated gradient over the ``k`` micro-batches, one after the
+  other: SAM on the whole batch. ``sam_optax.Splits(k, sequential=True)``
+  perturbs per micro-batch. Do not wrap the method in ``optax.MultiSteps``
+  (refused at trace time), and check for NaN after it:
+  ``optax.chain(sam(...), optax.apply_if_finite(base, n))``.
+
   Masks (``mask=``): only the masked leaves are perturbed, and ``‖g‖`` is
   taken over them: ``ε = ρ · m ⊙ g / (‖m ⊙ g‖ + δ)``; the gradient is still
   re-evaluated for, and returned on, every leaf. Perturbing only the
@@ -65,8 +74,9 @@ def sam(
       re-evaluation is dropped: model state such as BatchNorm statistics is
       taken from the user's own first pass (see the README).
     perturbation: where the perturbation is computed under data
-      parallelism: None (from the gradient given), ``sam_optax.PerDevice``,
-      ``sam_optax.Synced`` or ``sam_optax.Splits``.
+      parallelism or gradient accumulation: None (from the gradient given),
+      ``sam_optax.PerDevice``, ``sam_optax.Synced``, ``sam_optax.Splits`` or
+      ``sam_optax.MicroBatches``.
     mask: the leaves to perturb: a pytree of bools like the params (or a
       prefix of it), or a function of the params that returns one, as
       ``optax.masked`` takes; None perturbs every leaf.

@@ -46,7 +46,7 @@ import optax
 import pytest
 
 import sam_optax
-from sam_optax import _ascent
+from sam_optax import _ascent, _parallel
 
 N, D, CLASSES = 8, 3, 3
 DEVICES = 8
@@ -202,7 +202,8 @@ def test_every_public_constructor_has_a_row():
   constructors = {
       name for name in sam_optax.__all__
       if callable(getattr(sam_optax, name)) and not isinstance(getattr(sam_optax, name), type)
-      and name not in ("not_a_bias", "rho_schedule_from_lr", "saf_check", "saf_target",
+      and name not in ("accumulated_grad", "not_a_bias", "rho_schedule_from_lr", "saf_check",
+                       "saf_target",
                        "mesa_params", "mesa_model_state", "mesa_target",
                        "msam_eval_params")
   }
@@ -420,6 +421,51 @@ def test_per_device_ascent_under_pmap_equals_a_loop_over_the_shards(name):
   sync = single_device(batch)
   assert max(float(jnp.max(jnp.abs(a - b))) for a, b in
              zip(jax.tree.leaves(got), jax.tree.leaves(sync))) > 1e-4
+
+
+# The accumulation options a row refuses at construction (the reason is in
+# the message; tests/test_accumulation.py checks the texts).
+REFUSES = {"looksam": "Splits(sequential=True)", "esam": "MicroBatches"}
+# The accumulation mechanics live in the skeleton; a rule meets them through
+# its state (Ascent.mean), its number of re-evaluations and its gradient
+# factories. One row per such kind (the others repeat a path: usam, asam and
+# wsam are sam's stateless one-re-evaluation rule; vasso is fsam's affine
+# EMA; interval_sam, stochastic_sam and with_probability are every_k's cond).
+ACCUMULATING = [name for name in PER_DEVICE if name not in (
+    "usam", "asam", "wsam", "vasso", "interval_sam", "stochastic_sam", "with_probability")]
+
+
+@pytest.mark.parametrize("name", ACCUMULATING)
+def test_gradient_accumulation_options(name):
+  """``Splits(4, sequential=True)`` gives the numbers of the vectorized
+  ``Splits(4)``, new state included; ``MicroBatches(4)`` with the
+  accumulated gradient gives the step on the whole batch (new state
+  included), for every method that takes ``perturbation=``."""
+  row = ROWS_BY_NAME[name]
+  params, batch = _fixed_problem(2 * DEVICES)
+  options = {"vectorized": sam_optax.Splits(4), "sequential": sam_optax.Splits(4, sequential=True),
+             "micro": sam_optax.MicroBatches(4), "whole": None}
+  txs = {}
+  for key, option in options.items():
+    if REFUSES.get(name) == _parallel.kind_of(option):
+      with pytest.raises(ValueError, match=f"{name}: perturbation=.* is not supported: "):
+        row.build(perturbation=option)
+      continue
+    txs[key] = row.build(perturbation=option)
+
+  @jax.jit
+  def one_step(params):
+    grads = jax.grad(loss_fn)(params, batch)
+    accumulated = sam_optax.accumulated_grad(loss_fn, 4)(params, batch=batch)
+    return {key: _update(row, tx, accumulated if key == "micro" else grads, tx.init(params),
+                         params, batch) for key, tx in txs.items()}
+
+  out = one_step(params)
+  close = functools.partial(chex.assert_trees_all_close, rtol=2e-5, atol=1e-6)
+  if "sequential" in out:
+    close(out["sequential"], out["vectorized"])
+  if "micro" in out:
+    close(out["micro"], out["whole"])
 
 
 SYNCED = [row.name for row in ROWS if row.per_device and row.synced_is_global]

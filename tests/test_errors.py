@@ -82,8 +82,33 @@ def test_axis_name_not_a_string():
 
 
 def test_perturbation_not_an_option():
-  with pytest.raises(TypeError, match=r"sam: perturbation must be None, sam_optax.PerDevice.*got str 'data'"):
+  with pytest.raises(TypeError, match=r"sam: perturbation must be None, sam_optax.PerDevice.*"
+                     r"sam_optax.MicroBatches\(n, \.\.\.\), got str 'data'"):
     sam_optax.sam(0.05, loss_fn=loss_fn, perturbation="data")
+
+
+# The accumulation options' own errors (n, batch_argnames, sequential, the
+# methods that refuse one): tests/test_accumulation.py::test_construction_errors.
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: sam_optax.MicroBatches(-1), ValueError, r"MicroBatches: n must be an int >= 1, got n=-1"),
+    (lambda: sam_optax.MicroBatches(True), ValueError, r"MicroBatches: n must be an int >= 1, got n=True"),
+    (lambda: sam_optax.MicroBatches(2, batch_argnames=()), TypeError,
+     r"MicroBatches: batch_argnames must be a non-empty sequence .*got \(\)"),
+    (lambda: sam_optax.Splits(2, sequential="yes"), TypeError,
+     r"Splits: sequential must be a bool, got sequential='yes'"),
+    (lambda: sam_optax.accumulated_grad(loss_fn, 2, has_aux=1), TypeError,
+     r"accumulated_grad: has_aux must be a bool, got has_aux=1"),
+])
+def test_accumulation_option_errors(make, error, match):
+  with pytest.raises(error, match=match):
+    make()
+
+
+def test_micro_batch_argument_missing():
+  tx = sam_optax.sam(0.05, loss_fn=loss_fn, perturbation=sam_optax.MicroBatches(2))
+  with pytest.raises(ValueError, match=r"sam: MicroBatches\(n=2\) splits along axis 0 the extra"
+                     r" arguments \['batch'\], but update\(\) got no \['batch'\]"):
+    tx.update(GRADS, tx.init(PARAMS), PARAMS, data=BATCH)
 
 
 # --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import sys
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -186,6 +187,41 @@ def test_data_parallel_step_equals_single_device(tmp_path, trained):
   chex.assert_trees_all_close(parallel["state"].params, single["state"].params,
                               rtol=1e-4, atol=1e-5)
   assert abs(parallel["test"]["accuracy"] - single["test"]["accuracy"]) <= 0.02
+
+
+def _mlp_config(**overrides):
+  """The tiny config with the MLP (no BatchNorm, no dropout)."""
+  config = tiny_config(**overrides)
+  with config.unlocked():
+    config.model = "mlp"
+    config.model_kwargs = ml_collections.ConfigDict({"features": (16,)})
+  return config
+
+
+def test_grad_accum_steps_equals_the_unaccumulated_run(tmp_path):
+  """SAM with the batch in 2 micro-batches (one ascent from the accumulated
+  gradient, re-evaluated over the same micro-batches) = SAM on the whole
+  batch, on a model without BatchNorm or dropout (with BatchNorm each
+  micro-batch is normalized with its own statistics: see make_train_step)."""
+  runs = [run(_mlp_config(method="sam", max_steps=3, grad_accum_steps=k), tmp_path / str(k))
+          for k in (1, 2)]
+  assert runs[1]["step"] == 3  # optimizer steps
+  chex.assert_trees_all_close(runs[1]["state"].params, runs[0]["state"].params,
+                              rtol=1e-5, atol=1e-6)
+  assert int(runs[1]["state"].opt_state[0].count) == 3  # SAM's count: optimizer steps
+
+
+def test_grad_accum_steps_and_the_data_layout():
+  from experiments import placement  # pylint: disable=import-outside-toplevel
+  config = tiny_config(method="sam", grad_accum_steps=4, data_parallel=True, perturbation="global")
+  assert placement.check_data_layout(config, num_devices=2) is None  # 40 per device, 4 × 10
+  with pytest.raises(checkpoints.UsageError, match=r"grad_accum_steps=4 does not divide the"
+                     r" per-device batch 10 \(batch_size=80 over 8 device\(s\)\)"):
+    placement.check_data_layout(config, num_devices=8)
+  config = tiny_config(method="sam", grad_accum_steps=2, data_parallel=True)
+  with pytest.raises(checkpoints.UsageError, match=r"perturbation='device' asks for one per"
+                     r" device or per split; set --config.perturbation=global"):
+    placement.check_data_layout(config, num_devices=2)
 
 
 # --------------------------------------------------------------------------
@@ -371,6 +407,10 @@ def _fails(argv, capsys, *fragments):
     (["--config=/nonexistent/config.py"], ["No such file or directory"]),
     (["--config=experiments/configs/default.py:small"], ["unknown config argument 'small'"]),
     (["--nonsense=1"], ["Unknown command line flag 'nonsense'"]),
+    (["--config.grad_accum_steps=0"], ["grad_accum_steps must be a positive integer, got 0"]),
+    (["--config.grad_accum_steps=3"], ["grad_accum_steps=3 does not divide batch_size=80"]),
+    (["--config.method=saf", "--config.grad_accum_steps=2"],
+     ["grad_accum_steps=2 is supported for sgd and the SAM family, not for saf"]),
 ])
 def test_bad_input_is_one_clear_line(argv, fragments, capsys, tmp_path):
   out = tmp_path / "out"

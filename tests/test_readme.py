@@ -67,3 +67,16 @@ def test_saf_training_step_runs_as_written():
       if isinstance(s, namespace["sam_optax"].SAFState)][0]
   np.testing.assert_allclose(saf_state.bank[0, 2:6], logits, rtol=1e-6)  # epoch 0's slot
   assert not np.allclose(new_params["kernel"], params["kernel"])
+
+
+def test_gradient_accumulation_runs_as_written():
+  quick = re.search(r"## Quick start\n+```python\n(.*?)```", README, flags=re.DOTALL).group(1)
+  block = re.search(r"## Gradient accumulation.*?```python\n(.*?)```", README,
+                    flags=re.DOTALL).group(1)
+  namespace = {}
+  exec(compile(quick.split("for _ in range")[0], "README quick start", "exec"), namespace)  # pylint: disable=exec-used
+  before = namespace["params"]
+  exec(compile(block, "README gradient accumulation", "exec"), namespace)  # pylint: disable=exec-used
+  assert not np.allclose(namespace["params"]["w"], before["w"])
+  sam_optax = namespace["sam_optax"]
+  assert isinstance(namespace["micro"], sam_optax.MicroBatches)

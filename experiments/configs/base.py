@@ -72,6 +72,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.weight_decay = 5e-4
   config.label_smoothing = 0.0
   config.grad_clip_norm = 0.0
+  # Gradient accumulation: each step's batch_size examples in grad_accum_steps
+  # micro-batches, one after the other (the memory of one micro-batch). The
+  # SAM family takes one ascent from the accumulated gradient and re-evaluates
+  # over the same micro-batches (sam_optax.MicroBatches: global-batch SAM);
+  # one step is still one optimizer step (schedules count steps).
+  config.grad_accum_steps = 1
 
   # Method hyperparameters, hparams.<method>.<name>: the constructors' defaults.
   config.hparams = hparams_config()
