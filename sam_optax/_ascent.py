@@ -144,11 +144,48 @@ def check_non_negative(name: str, value: float, method: str) -> None:
     raise ValueError(f"{method}: {name} must be finite and >= 0, got {name}={value!r}.")
 
 
-def check_int(name: str, value: Any, minimum: int, method: str) -> None:
-  """Raises ``ValueError`` unless ``value`` is an int ``>= minimum``."""
+def static_args_hint(method: str, *names: str) -> str:
+  """The advice for a fixed argument that ``optax.inject_hyperparams`` injected."""
+  listed = ", ".join(repr(name) for name in (*names, "loss_fn"))
+  return (
+      " optax.inject_hyperparams passes every numeric argument not in static_args"
+      " as a JAX array (traced under jit); this one is fixed at construction, so"
+      f" list it in static_args, e.g. optax.inject_hyperparams(sam_optax.{method},"
+      f" static_args=({listed})). The injectable hyperparameters of each method"
+      " are listed in the README ('Changing hyperparameters during training').")
+
+
+def check_int(name: str, value: Any, minimum: int, method: str, *,
+              injectable: bool = False) -> None:
+  """Raises ``ValueError`` unless ``value`` is an int ``>= minimum``.
+
+  A JAX array (what ``optax.inject_hyperparams`` passes) is accepted only if
+  ``injectable`` (an integer scalar, checked where concrete); otherwise the
+  ``TypeError`` says to list the argument in ``static_args``.
+  """
+  if isinstance(value, jax.Array):
+    if not injectable:
+      raise TypeError(
+          f"{method}: {name} must be a Python int, got {value!r}."
+          + static_args_hint(method, name))
+    if _traced(value):
+      return
+    if value.shape == () and jnp.issubdtype(value.dtype, jnp.integer):
+      value = int(value)
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
     raise ValueError(
         f"{method}: {name} must be an int >= {minimum}, got {name}={value!r}.")
+
+
+def check_seed(seed: Any, method: str) -> None:
+  """Raises ``TypeError`` unless ``seed`` is a Python int (not injectable: it
+  seeds the key of the state at ``init``)."""
+  if isinstance(seed, jax.Array):
+    raise TypeError(
+        f"{method}: seed must be a Python int (it seeds the PRNG key of the"
+        f" state at init), got {seed!r}." + static_args_hint(method, "seed"))
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise TypeError(f"{method}: seed must be an int, got {seed!r}.")
 
 
 def check_in_range(name: str, value: float, low: float, high: float, method: str) -> None:
