@@ -326,6 +326,20 @@ def _accepted_keywords(fn: Callable[..., Any]) -> frozenset[str] | None:
   return frozenset(names)
 
 
+def _required_keywords(fn: Callable[..., Any]) -> frozenset[str]:
+  """The parameters of ``fn`` after its first that have no default and can be
+  given by keyword (empty if the signature cannot be read)."""
+  try:
+    parameters = list(inspect.signature(fn).parameters.values())
+  except (TypeError, ValueError):
+    return frozenset()
+  return frozenset(
+      parameter.name for parameter in parameters[1:]
+      if parameter.default is inspect.Parameter.empty
+      and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                             inspect.Parameter.KEYWORD_ONLY))
+
+
 def loss_arguments(
     method: str,
     fn_name: str,
@@ -335,9 +349,20 @@ def loss_arguments(
   """The extra arguments of ``update`` that go to ``fn``, checked by name.
 
   Raises:
-    TypeError: naming the keyword, if ``fn`` cannot take one of them.
+    TypeError: naming the keyword, if ``fn`` cannot take one of them, or
+      naming the missing ones, if ``fn`` requires one that ``update`` did
+      not get.
   """
   arguments = {k: v for k, v in extra_args.items() if k not in _NOT_FOR_THE_LOSS}
+  missing = sorted(_required_keywords(fn) - set(arguments))
+  if missing:
+    raise TypeError(
+        f"{method}: {fn_name}{_signature_text(fn)} requires {missing}, but"
+        f" update() got {sorted(arguments) or 'no extra arguments'}: pass them"
+        " to update(..., name=value), they reach"
+        f" {fn_name} by keyword; flax's TrainState.apply_gradients(grads=...)"
+        " calls tx.update without them — call tx.update yourself (see README"
+        " 'Flax').")
   accepted = _accepted_keywords(fn)
   if accepted is not None:
     unknown = sorted(set(arguments) - accepted)
@@ -422,6 +447,38 @@ def make_gradient_fn(
   return lambda point: jax.grad(value)(point, **arguments)
 
 
+def check_not_masked(method: str, updates: Any, params: Any, *, wrapper: bool = False) -> None:
+  """Raises ``ValueError`` if ``updates`` or ``params`` hold ``optax.MaskedNode``.
+
+  ``optax.masked`` and ``optax.multi_transform`` give the transforms inside
+  them a part of the parameters (``MaskedNode`` in place of the others); the
+  loss re-evaluated at the perturbed point needs all of them. ``wrapper``:
+  ``method`` wraps a method of the family (which is where ``mask=`` goes).
+  """
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  paths = sorted({jax.tree_util.keystr(path)
+                  for tree in (updates, params)
+                  for path, leaf in jax.tree_util.tree_flatten_with_path(
+                      tree, is_leaf=is_masked)[0]
+                  if is_masked(leaf)})
+  if not paths:
+    return
+  shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+  example = (f"sam_optax.{method}(sam_optax.sam(..., mask=is_sam), ...)" if wrapper
+             else f"sam_optax.{method}(..., mask=is_sam)")
+  raise ValueError(
+      f"{method}: update() got only a part of the parameters (optax.MaskedNode"
+      f" at {shown}): it is inside optax.masked or optax.multi_transform,"
+      " which hide the other parameters from it, but the loss re-evaluated at"
+      " the perturbed point needs all of them. Put it outside and select the"
+      " leaves to perturb with the mask= option of"
+      f" {'the method it wraps' if wrapper else 'the method'} instead, e.g."
+      f" optax.chain({example}, optax.multi_transform(base_optimizers, labels))"
+      " with is_sam = lambda params: jax.tree.map(lambda label: label == 'sam',"
+      " labels(params)). Only the selected leaves are perturbed; every leaf"
+      " gets the gradient at the perturbed point.")
+
+
 def check_update_inputs(method: str, updates: Any, params: Any) -> None:
   """``params`` is given and has the structure and shapes of ``updates``."""
   if params is None:
@@ -429,6 +486,7 @@ def check_update_inputs(method: str, updates: Any, params: Any) -> None:
         f"{method}: update() needs params (the current weights) to compute the"
         " ascent point: call tx.update(grads, opt_state, params, ...)."
     )
+  check_not_masked(method, updates, params)
   try:
     chex.assert_trees_all_equal_shapes(updates, params)
   except (AssertionError, ValueError) as error:

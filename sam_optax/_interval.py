@@ -131,6 +131,9 @@ def every_k(
     return IntervalState(count=jnp.zeros([], jnp.int32), inner=inner.init(params))
 
   def update(updates, state, params=None, **extra_args):
+    # At once, not on the first step that runs the inner update (eagerly a
+    # skipped step does not call it).
+    _ascent.check_not_masked(method, updates, params, wrapper=True)
     take = state.count % k == 0
     new_updates, inner_state = _choose(
         take, inner, updates, state.inner, params, extra_args, axis_name)
@@ -203,6 +206,7 @@ def with_probability(
         count=jnp.zeros([], jnp.int32), key=key, inner=inner.init(params))
 
   def update(updates, state, params=None, **extra_args):
+    _ascent.check_not_masked(method, updates, params, wrapper=True)
     draw_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
     take = jax.random.uniform(draw_key) < _ascent.radius_at(p, state.count)
     new_updates, inner_state = _choose(
