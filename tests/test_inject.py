@@ -13,6 +13,8 @@ hyperparameters, which live in their state) fail with an error that names
 from __future__ import annotations
 
 import dataclasses
+import pathlib
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -177,3 +179,23 @@ def test_saf_and_mesa_with_every_argument_static_are_unchanged():
   args = _saf_args(params, batch)
   _close(tx.update(grads, tx.init(params), params, **args)[0],
          plain.update(grads, plain.init(params), params, **args)[0])
+
+
+README = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+SECTION = README[README.index("## Changing hyperparameters"):README.index("## Sharpness-aware")]
+
+
+def test_readme_snippet_runs_and_its_table_lists_every_method():
+  block = re.search(r"```python\n(.*?)```", SECTION, flags=re.DOTALL).group(1)
+  params, batch = _fixed_problem()
+  namespace = {"optax": optax, "sam_optax": sam_optax, "params": params,
+               "loss_fn": lambda p, batch: loss_fn(p, batch)}
+  exec(compile(block, "README inject", "exec"), namespace)  # pylint: disable=exec-used
+  tx, state = namespace["tx"], namespace["opt_state"]
+  grads = jax.grad(loss_fn)(params, batch)
+  got = tx.update(grads, state, params, batch=batch)[0]
+  want = sam_optax.sam(0.1, loss_fn=loss_fn)
+  _close(got, want.update(grads, want.init(params), params, batch=batch)[0])
+  table = re.findall(r"^\| (.*?) \|", SECTION, flags=re.MULTILINE)
+  listed = set(re.findall(r"`(\w+)`", " ".join(table)))
+  assert set(CASES) | set(IN_STATE) <= listed, set(CASES) - listed
