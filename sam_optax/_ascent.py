@@ -354,15 +354,6 @@ def loss_arguments(
       not get.
   """
   arguments = {k: v for k, v in extra_args.items() if k not in _NOT_FOR_THE_LOSS}
-  missing = sorted(_required_keywords(fn) - set(arguments))
-  if missing:
-    raise TypeError(
-        f"{method}: {fn_name}{_signature_text(fn)} requires {missing}, but"
-        f" update() got {sorted(arguments) or 'no extra arguments'}: pass them"
-        " to update(..., name=value), they reach"
-        f" {fn_name} by keyword; flax's TrainState.apply_gradients(grads=...)"
-        " calls tx.update without them — call tx.update yourself (see README"
-        " 'Flax').")
   accepted = _accepted_keywords(fn)
   if accepted is not None:
     unknown = sorted(set(arguments) - accepted)
@@ -373,6 +364,15 @@ def loss_arguments(
           f" arguments of update are passed to {fn_name} by keyword; it"
           f" accepts {sorted(accepted)}."
       )
+  missing = sorted(_required_keywords(fn) - set(arguments))
+  if missing:
+    raise TypeError(
+        f"{method}: {fn_name}{_signature_text(fn)} requires {missing}, but"
+        f" update() got {sorted(arguments) or 'no extra arguments'}: pass them"
+        " to update(..., name=value), they reach"
+        f" {fn_name} by keyword; flax's TrainState.apply_gradients(grads=...)"
+        " calls tx.update without them — call tx.update yourself (see README"
+        " 'Flax').")
   return arguments
 
 
