@@ -56,54 +56,25 @@ def problem():
   return params, x, y, mesh
 
 
-def step_fn(tx):
-  def step(params, state, x, y):
+def steps(tx, params, x, y):
+  """``STEPS`` training steps from ``tx.init`` (traced once, inside one jit)."""
+  state = tx.init(params)
+  for _ in range(STEPS):
     grads = jax.grad(loss_fn)(params, x, y)
     updates, state = tx.update(grads, state, params, x=x, y=y)
-    return optax.apply_updates(params, updates), state
-  return step
-
-
-def train(step, params, state, x, y):
-  for _ in range(STEPS):
-    params, state = step(params, state, x, y)
+    params = optax.apply_updates(params, updates)
   return params
 
 
-def sharded(problem):
-  params, x, y, mesh = problem
-  params = {k: jax.device_put(v, NamedSharding(mesh, SPECS[k])) for k, v in params.items()}
-  x, y = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
-  return params, x, y
-
-
-def sharded_jit(tx, problem):
-  """The step under jit, params in and out sharded over 'model', batch over 'data'."""
-  mesh = problem[3]
-  params, x, y = sharded(problem)
-  param_shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
-  state = tx.init(params)
-  step = jax.jit(step_fn(tx), out_shardings=(param_shardings, None))
-  trained = train(step, params, state, x, y)
-  for name, leaf in trained.items():  # still FSDP-sharded
-    assert leaf.sharding.is_equivalent_to(param_shardings[name], leaf.ndim), name
-  return trained
-
-
-def loop_over_data_shards(method, problem):
+def loop_over_data_shards(tx, params, x, y):
   """The per-device step by hand: each data shard perturbs with its own
   gradient; the surrogates are averaged; SGD(0.1) applies the average."""
-  params, x, y, _ = problem
-  tx = method()
-
-  @jax.jit
-  def surrogate(params, xs, ys):  # one device, one shard
-    grads = jax.grad(loss_fn)(params, xs, ys)
-    return tx.update(grads, tx.init(params), params, x=xs, y=ys)[0]
-
   for _ in range(STEPS):
-    surrogates = [surrogate(params, *(a[i * PER_SHARD:(i + 1) * PER_SHARD] for a in (x, y)))
-                  for i in range(DATA)]
+    surrogates = []
+    for i in range(DATA):
+      xs, ys = (a[i * PER_SHARD:(i + 1) * PER_SHARD] for a in (x, y))
+      grads = jax.grad(loss_fn)(params, xs, ys)
+      surrogates.append(tx.update(grads, tx.init(params), params, x=xs, y=ys)[0])
     mean = jax.tree.map(lambda *s: sum(s) / DATA, *surrogates)
     params = jax.tree.map(lambda w, g: w - 0.1 * g, params, mean)
   return params
@@ -114,28 +85,37 @@ def _close(a, b):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_global_mode_with_fsdp_params_equals_the_single_device_step(problem, name):
-  params, x, y, _ = problem
-  tx = optax.chain(METHODS[name](), optax.sgd(0.1, momentum=0.9))
-  got = sharded_jit(tx, problem)
-  want = train(jax.jit(step_fn(tx)), params, tx.init(params), x, y)  # one device
-  _close(got, want)
-  assert not np.allclose(want["w1"], params["w1"])
+def test_global_and_per_device_modes_with_fsdp_params(problem, name):
+  params, x, y, mesh = problem
+  method = METHODS[name]
+  global_tx = optax.chain(method(), optax.sgd(0.1, momentum=0.9))
+  splits_tx = optax.chain(method(perturbation=sam_optax.Splits(DATA, batch_argnames=("x", "y"))),
+                          optax.sgd(0.1))
+  device_tx = optax.chain(method(perturbation=sam_optax.PerDevice("data")), optax.sgd(0.1))
 
+  # References on one device: the global step, and the loop over the data shards.
+  want_global, want_per_device = jax.jit(lambda p, x, y: (
+      steps(global_tx, p, x, y), loop_over_data_shards(method(), p, x, y)))(params, x, y)
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_per_device_mode_equals_a_loop_over_the_data_shards(problem, name):
-  want = loop_over_data_shards(METHODS[name], problem)
-  # Splits over the data-axis size, under the same FSDP-sharded jit.
-  tx = optax.chain(METHODS[name](perturbation=sam_optax.Splits(
-      DATA, batch_argnames=("x", "y"))), optax.sgd(0.1))
-  _close(sharded_jit(tx, problem), want)
+  # Under jit, params in and out sharded over 'model', the batch over 'data'.
+  shardings = {k: NamedSharding(mesh, spec) for k, spec in SPECS.items()}
+  sharded_params = {k: jax.device_put(v, shardings[k]) for k, v in params.items()}
+  sharded_x, sharded_y = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
+  got_global, got_splits = jax.jit(
+      lambda p, x, y: (steps(global_tx, p, x, y), steps(splits_tx, p, x, y)),
+      out_shardings=(shardings, shardings))(sharded_params, sharded_x, sharded_y)
+  _close(got_global, want_global)  # global mode: the single-device step
+  _close(got_splits, want_per_device)  # Splits(n=data): the loop over the shards
+  for tree in (got_global, got_splits):  # still FSDP-sharded
+    for key, leaf in tree.items():
+      assert leaf.sharding.is_equivalent_to(shardings[key], leaf.ndim), key
+
   # shard_map over 'data' with PerDevice: the params enter whole (P()).
-  mesh = problem[3]
-  tx = optax.chain(METHODS[name](perturbation=sam_optax.PerDevice("data")), optax.sgd(0.1))
-  params, x, y = sharded(problem)
-  step = jax.jit(jax.shard_map(step_fn(tx), mesh=mesh,
-                               in_specs=(P(), P(), P("data"), P("data")),
-                               out_specs=(P(), P()), check_vma=False))
-  _close(train(step, params, tx.init(params), x, y), want)
-  # (That this differs from the global step, m-sharpness, is test_common's.)
+  got_device = jax.jit(jax.shard_map(
+      lambda p, x, y: steps(device_tx, p, x, y), mesh=mesh,
+      in_specs=(P(), P("data"), P("data")), out_specs=P(), check_vma=False))(
+          sharded_params, sharded_x, sharded_y)
+  _close(got_device, want_per_device)
+  # It trained. (That per device differs from global, m-sharpness, is test_common's.)
+  assert not np.allclose(want_global["w1"], params["w1"])
+  assert not np.allclose(want_per_device["w1"], params["w1"])
