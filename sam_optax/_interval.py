@@ -264,6 +264,7 @@ def stochastic_sam(
     >>> import optax, sam_optax
     >>> tx = optax.chain(sam_optax.stochastic_sam(0.05, p=0.5), optax.sgd(0.1))
   """
+  _ascent.check_seed(seed, "stochastic_sam")  # named as the user called it
   inner = sam(rho, loss_fn=loss_fn, normalize=normalize, has_aux=has_aux,
               perturbation=perturbation, mask=mask, eps=eps)
   return with_probability(inner, p, seed=seed, axis_name=axis_of(perturbation))

@@ -77,3 +77,16 @@ def test_the_mask_rewrite_perturbs_only_the_labelled_leaves():
                                  optax.multi_transform({"sam": optax.sgd(0.1),
                                                         "plain": optax.sgd(0.2)}, LABELS)))
   assert float(jnp.max(jnp.abs(unmasked["head"] - got["head"]))) > 1e-5
+
+
+def test_a_loss_missing_required_arguments_names_them():
+  """Checked before the loss runs; a default or a keyword given is not missing."""
+  def two_inputs(params, x, y, scale=1.0):
+    return scale * loss_fn(params, x) + jnp.sum(y)
+
+  tx = sam_optax.gsam(RHO, loss_fn=two_inputs)
+  grads = jax.grad(loss_fn)(PARAMS, X)
+  with pytest.raises(TypeError, match=r"gsam: loss_fn\(params, x, y, scale=1.0\) requires \['y'\],"
+                     r" but update\(\) got \['x'\]: pass them to update\(..., name=value\)"):
+    tx.update(grads, tx.init(PARAMS), PARAMS, x=X)
+  tx.update(grads, tx.init(PARAMS), PARAMS, x=X, y=jnp.zeros(2))  # complete: runs

@@ -152,7 +152,9 @@ def test_concrete_jax_scalars_are_checked_and_accepted():
         0.1, loss_fn=per_example_loss), r"esam: seed must be a Python int .*static_args="
                                          r"\('seed', 'loss_fn'\)"),
     (lambda: optax.inject_hyperparams(sam_optax.stochastic_sam, static_args=("loss_fn",))(
-        0.1, loss_fn=loss_fn), r"with_probability: seed must be a Python int .*static_args"),
+        0.1, loss_fn=loss_fn),
+     r"stochastic_sam: seed must be a Python int .*"
+     r"inject_hyperparams\(sam_optax.stochastic_sam, static_args=\('seed', 'loss_fn'\)\)"),
     (lambda: optax.inject_hyperparams(sam_optax.asam, static_args=("loss_fn",))(
         0.5, loss_fn=loss_fn),
      r"asam: adaptive_mask must be .*static_args=\('loss_fn', 'adaptive_mask'\)"),
