@@ -486,7 +486,6 @@ def check_update_inputs(method: str, updates: Any, params: Any) -> None:
         f"{method}: update() needs params (the current weights) to compute the"
         " ascent point: call tx.update(grads, opt_state, params, ...)."
     )
-  check_not_masked(method, updates, params)
   try:
     chex.assert_trees_all_equal_shapes(updates, params)
   except (AssertionError, ValueError) as error:
@@ -691,6 +690,7 @@ def transformation(
 
   def update(updates, state, params=None, **extra_args):
     check_update_inputs(method, updates, params)
+    check_not_masked(method, updates, params)
     values = {name: radius_at(value, state.count) for name, value in radii.items()}
     resolved_mask = resolve_mask(method, mask, params)
 
