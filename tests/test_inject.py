@@ -82,52 +82,97 @@ def test_every_row_is_covered():
   assert set(CASES) | set(IN_STATE) == set(NAMES)
 
 
-def _step(tx, jit=False):
-  """One training step: the gradient, the surrogate, SGD(0.1) on it. (The
-  plain methods run eagerly: their operations are compiled once for all
-  cases, where a jitted step per method would be compiled per method.)"""
+def _step(tx, params, state, batch):
+  """One training step: the gradient, the surrogate, SGD(0.1) on it."""
+  grads = jax.grad(loss_fn)(params, batch)
+  surrogate, state = tx.update(grads, state, params, batch=batch)
+  return jax.tree.map(lambda p, u: p - 0.1 * u, params, surrogate), state, surrogate
 
-  def step(params, state, batch):
-    grads = jax.grad(loss_fn)(params, batch)
-    surrogate, state = tx.update(grads, state, params, batch=batch)
-    return jax.tree.map(lambda p, u: p - 0.1 * u, params, surrogate), state, surrogate
 
-  return jax.jit(step) if jit else step
+def _injected(case):
+  return optax.inject_hyperparams(case.constructor, static_args=tuple(case.static))(
+      **case.injected, **case.static)
+
+
+def _plain(case, **overrides):
+  return case.constructor(**{**case.injected, **overrides}, **case.static)
 
 
 def _close(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6), a, b)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_injected_update_equals_the_plain_one_and_follows_a_change(name):
-  case = CASES[name]
-  field, new_value = case.change
-  injected = optax.inject_hyperparams(case.constructor, static_args=tuple(case.static))(
-      **case.injected, **case.static)
-  plain = case.constructor(**case.injected, **case.static)
-  changed = case.constructor(**{**case.injected, field: new_value}, **case.static)
-  injected_step, plain_step, changed_step = _step(injected, jit=True), _step(plain), _step(changed)
+# The injected transforms of every case step together in one compiled
+# program (compiling them together takes half the time of one by one); the
+# plain methods run eagerly, their operations compiled once for all cases.
 
+
+@pytest.fixture(scope="module")
+def injected_runs():
+  """Per case, under ``jax.jit``: the surrogates of ``STEPS`` steps, the last
+  after writing the new value (a traced argument) into ``hyperparams``; the
+  last step without the change; the hyperparameters the state showed before
+  it."""
   params, batch = _fixed_problem()
-  got_params, got_state = params, injected.init(params)
-  want_params, want_state = params, plain.init(params)
-  for _ in range(STEPS - 1):
-    got_params, got_state, got = injected_step(got_params, got_state, batch)
-    want_params, want_state, want = plain_step(want_params, want_state, batch)
-    _close(got, want)
-  assert float(got_state.hyperparams[field]) == pytest.approx(case.injected[field])
+  transforms = {name: _injected(case) for name, case in CASES.items()}
+  states = {name: tx.init(params) for name, tx in transforms.items()}
 
-  # Between steps: the new value in the state is the method built with it.
-  hyperparams = dict(got_state.hyperparams)
-  hyperparams[field] = jnp.asarray(new_value, hyperparams[field].dtype)
-  got = injected_step(got_params, got_state._replace(hyperparams=hyperparams), batch)[2]
-  want = changed_step(want_params, want_state, batch)[2]
-  _close(got, want)
-  unchanged = injected_step(got_params, got_state, batch)[2]  # the change matters
+  @jax.jit
+  def step_all(params, states):  # every case, one step
+    return {name: _step(tx, params[name], states[name], batch)
+            for name, tx in transforms.items()}
+
+  def split(out):
+    return ({k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()},
+            {k: v[2] for k, v in out.items()})
+
+  params = {name: params for name in CASES}
+  surrogates = []
+  for _ in range(STEPS - 1):
+    params, states, surrogate = split(step_all(params, states))
+    surrogates.append(surrogate)
+  changed = {}
+  for name, case in CASES.items():
+    field, value = case.change
+    hyperparams = dict(states[name].hyperparams)
+    # full_like keeps the dtype and weak type: the same compiled program.
+    hyperparams[field] = jax.lax.full_like(hyperparams[field], value)
+    changed[name] = states[name]._replace(hyperparams=hyperparams)
+  surrogates.append(split(step_all(params, changed))[2])
+  unchanged = split(step_all(params, states))[2]
+  return {name: {"surrogates": [s[name] for s in surrogates], "unchanged": unchanged[name],
+                 "hyperparams": states[name].hyperparams} for name in CASES}
+
+
+def plain_run(case):
+  """The plain method eagerly: ``STEPS - 1`` steps, then the step of the
+  method built with the new value, from the same state."""
+  params, batch = _fixed_problem()
+  tx, changed = _plain(case), _plain(case, **dict([case.change]))
+  state, surrogates = tx.init(params), []
+  for _ in range(STEPS - 1):
+    params, state, surrogate = _step(tx, params, state, batch)
+    surrogates.append(surrogate)
+  surrogates.append(_step(changed, params, state, batch)[2])
+  return surrogates
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_injected_update_equals_the_plain_one_and_follows_a_change(name, injected_runs):
+  case = CASES[name]
+  field = case.change[0]
+  got, want = injected_runs[name], plain_run(case)
+  # The value is in the state, and the steps are the plain method's ...
+  assert float(got["hyperparams"][field]) == pytest.approx(case.injected[field])
+  for got_step, want_step in zip(got["surrogates"][:-1], want[:-1]):
+    _close(got_step, want_step)
+  # ... and after a new value is written into the state between steps, the
+  # step is that of the method constructed with it.
+  _close(got["surrogates"][-1], want[-1])
   difference = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-                   zip(jax.tree.leaves(got), jax.tree.leaves(unchanged)))
-  assert difference > 1e-4, difference
+                   zip(jax.tree.leaves(got["surrogates"][-1]),
+                       jax.tree.leaves(got["unchanged"])))
+  assert difference > 1e-4, difference  # the change matters
 
 
 def test_concrete_jax_scalars_are_checked_and_accepted():

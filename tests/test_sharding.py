@@ -84,38 +84,47 @@ def _close(a, b):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=2e-5, atol=1e-6), a, b)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_global_and_per_device_modes_with_fsdp_params(problem, name):
+def test_global_and_per_device_modes_with_fsdp_params(problem):
+  """SAM and GSAM together, each mode one compiled program for both."""
   params, x, y, mesh = problem
-  method = METHODS[name]
-  global_tx = optax.chain(method(), optax.sgd(0.1, momentum=0.9))
-  splits_tx = optax.chain(method(perturbation=sam_optax.Splits(DATA, batch_argnames=("x", "y"))),
-                          optax.sgd(0.1))
-  device_tx = optax.chain(method(perturbation=sam_optax.PerDevice("data")), optax.sgd(0.1))
+  global_tx = {name: optax.chain(method(), optax.sgd(0.1, momentum=0.9))
+               for name, method in METHODS.items()}
+  splits_tx = {name: optax.chain(method(perturbation=sam_optax.Splits(
+      DATA, batch_argnames=("x", "y"))), optax.sgd(0.1)) for name, method in METHODS.items()}
+  device_tx = {name: optax.chain(method(perturbation=sam_optax.PerDevice("data")),
+                                 optax.sgd(0.1)) for name, method in METHODS.items()}
+
+  def each(transforms, p, x, y):
+    return {name: steps(tx, p, x, y) for name, tx in transforms.items()}
 
   # References on one device: the global step, and the loop over the data shards.
   want_global, want_per_device = jax.jit(lambda p, x, y: (
-      steps(global_tx, p, x, y), loop_over_data_shards(method(), p, x, y)))(params, x, y)
+      each(global_tx, p, x, y),
+      {name: loop_over_data_shards(method(), p, x, y) for name, method in METHODS.items()}))(
+          params, x, y)
 
   # Under jit, params in and out sharded over 'model', the batch over 'data'.
   shardings = {k: NamedSharding(mesh, spec) for k, spec in SPECS.items()}
   sharded_params = {k: jax.device_put(v, shardings[k]) for k, v in params.items()}
   sharded_x, sharded_y = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
+  out_shardings = {name: shardings for name in METHODS}
   got_global, got_splits = jax.jit(
-      lambda p, x, y: (steps(global_tx, p, x, y), steps(splits_tx, p, x, y)),
-      out_shardings=(shardings, shardings))(sharded_params, sharded_x, sharded_y)
+      lambda p, x, y: (each(global_tx, p, x, y), each(splits_tx, p, x, y)),
+      out_shardings=(out_shardings, out_shardings))(sharded_params, sharded_x, sharded_y)
   _close(got_global, want_global)  # global mode: the single-device step
   _close(got_splits, want_per_device)  # Splits(n=data): the loop over the shards
   for tree in (got_global, got_splits):  # still FSDP-sharded
-    for key, leaf in tree.items():
-      assert leaf.sharding.is_equivalent_to(shardings[key], leaf.ndim), key
+    for name in METHODS:
+      for key, leaf in tree[name].items():
+        assert leaf.sharding.is_equivalent_to(shardings[key], leaf.ndim), (name, key)
 
   # shard_map over 'data' with PerDevice: the params enter whole (P()).
   got_device = jax.jit(jax.shard_map(
-      lambda p, x, y: steps(device_tx, p, x, y), mesh=mesh,
+      lambda p, x, y: each(device_tx, p, x, y), mesh=mesh,
       in_specs=(P(), P("data"), P("data")), out_specs=P(), check_vma=False))(
           sharded_params, sharded_x, sharded_y)
   _close(got_device, want_per_device)
   # It trained. (That per device differs from global, m-sharpness, is test_common's.)
-  assert not np.allclose(want_global["w1"], params["w1"])
-  assert not np.allclose(want_per_device["w1"], params["w1"])
+  for name in METHODS:
+    assert not np.allclose(want_global[name]["w1"], params["w1"])
+    assert not np.allclose(want_per_device[name]["w1"], params["w1"])
