@@ -89,6 +89,15 @@ def asam(
     (3,)
   """
   _ascent.check_non_negative("eta", eta, "asam")
+  if isinstance(adaptive_mask, (bool, jax.Array)):
+    # optax.inject_hyperparams takes a function argument it is not told is
+    # static for a schedule and passes its value at the step (a bool).
+    raise TypeError(
+        "asam: adaptive_mask must be a pytree of bools like the params or a"
+        f" function of the params, got {adaptive_mask!r}. Under"
+        " optax.inject_hyperparams list the function arguments in static_args:"
+        " optax.inject_hyperparams(sam_optax.asam, static_args=('loss_fn',"
+        " 'adaptive_mask')).")
 
   def rule(grads, state, ascent, *, rho):
     adaptive = adaptive_mask(ascent.params) if callable(adaptive_mask) else adaptive_mask

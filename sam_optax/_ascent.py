@@ -153,11 +153,48 @@ def check_non_negative(name: str, value: float, method: str) -> None:
     raise ValueError(f"{method}: {name} must be finite and >= 0, got {name}={value!r}.")
 
 
-def check_int(name: str, value: Any, minimum: int, method: str) -> None:
-  """Raises ``ValueError`` unless ``value`` is an int ``>= minimum``."""
+def static_args_hint(method: str, *names: str) -> str:
+  """The advice for a fixed argument that ``optax.inject_hyperparams`` injected."""
+  listed = ", ".join(repr(name) for name in (*names, "loss_fn"))
+  return (
+      " optax.inject_hyperparams passes every numeric argument not in static_args"
+      " as a JAX array (traced under jit); this one is fixed at construction, so"
+      f" list it in static_args, e.g. optax.inject_hyperparams(sam_optax.{method},"
+      f" static_args=({listed})). The injectable hyperparameters of each method"
+      " are listed in the README ('Changing hyperparameters during training').")
+
+
+def check_int(name: str, value: Any, minimum: int, method: str, *,
+              injectable: bool = False) -> None:
+  """Raises ``ValueError`` unless ``value`` is an int ``>= minimum``.
+
+  A JAX array (what ``optax.inject_hyperparams`` passes) is accepted only if
+  ``injectable`` (an integer scalar, checked where concrete); otherwise the
+  ``TypeError`` says to list the argument in ``static_args``.
+  """
+  if isinstance(value, jax.Array):
+    if not injectable:
+      raise TypeError(
+          f"{method}: {name} must be a Python int, got {value!r}."
+          + static_args_hint(method, name))
+    if _traced(value):
+      return
+    if value.shape == () and jnp.issubdtype(value.dtype, jnp.integer):
+      value = int(value)
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
     raise ValueError(
         f"{method}: {name} must be an int >= {minimum}, got {name}={value!r}.")
+
+
+def check_seed(seed: Any, method: str) -> None:
+  """Raises ``TypeError`` unless ``seed`` is a Python int (not injectable: it
+  seeds the key of the state at ``init``)."""
+  if isinstance(seed, jax.Array):
+    raise TypeError(
+        f"{method}: seed must be a Python int (it seeds the PRNG key of the"
+        f" state at init), got {seed!r}." + static_args_hint(method, "seed"))
+  if isinstance(seed, bool) or not isinstance(seed, int):
+    raise TypeError(f"{method}: seed must be an int, got {seed!r}.")
 
 
 def check_in_range(name: str, value: float, low: float, high: float, method: str) -> None:
@@ -298,6 +335,20 @@ def _accepted_keywords(fn: Callable[..., Any]) -> frozenset[str] | None:
   return frozenset(names)
 
 
+def _required_keywords(fn: Callable[..., Any]) -> frozenset[str]:
+  """The parameters of ``fn`` after its first that have no default and can be
+  given by keyword (empty if the signature cannot be read)."""
+  try:
+    parameters = list(inspect.signature(fn).parameters.values())
+  except (TypeError, ValueError):
+    return frozenset()
+  return frozenset(
+      parameter.name for parameter in parameters[1:]
+      if parameter.default is inspect.Parameter.empty
+      and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                             inspect.Parameter.KEYWORD_ONLY))
+
+
 def loss_arguments(
     method: str,
     fn_name: str,
@@ -307,7 +358,9 @@ def loss_arguments(
   """The extra arguments of ``update`` that go to ``fn``, checked by name.
 
   Raises:
-    TypeError: naming the keyword, if ``fn`` cannot take one of them.
+    TypeError: naming the keyword, if ``fn`` cannot take one of them, or
+      naming the missing ones, if ``fn`` requires one that ``update`` did
+      not get.
   """
   arguments = {k: v for k, v in extra_args.items() if k not in _NOT_FOR_THE_LOSS}
   accepted = _accepted_keywords(fn)
@@ -320,6 +373,15 @@ def loss_arguments(
           f" arguments of update are passed to {fn_name} by keyword; it"
           f" accepts {sorted(accepted)}."
       )
+  missing = sorted(_required_keywords(fn) - set(arguments))
+  if missing:
+    raise TypeError(
+        f"{method}: {fn_name}{_signature_text(fn)} requires {missing}, but"
+        f" update() got {sorted(arguments) or 'no extra arguments'}: pass them"
+        " to update(..., name=value), they reach"
+        f" {fn_name} by keyword; flax's TrainState.apply_gradients(grads=...)"
+        " calls tx.update without them — call tx.update yourself (see README"
+        " 'Flax').")
   return arguments
 
 
@@ -392,6 +454,38 @@ def make_gradient_fn(
   arguments = loss_arguments(method, "loss_fn", loss_fn, extra_args)
   value = scalar_loss(method, loss_fn, has_aux)
   return lambda point: jax.grad(value)(point, **arguments)
+
+
+def check_not_masked(method: str, updates: Any, params: Any, *, wrapper: bool = False) -> None:
+  """Raises ``ValueError`` if ``updates`` or ``params`` hold ``optax.MaskedNode``.
+
+  ``optax.masked`` and ``optax.multi_transform`` give the transforms inside
+  them a part of the parameters (``MaskedNode`` in place of the others); the
+  loss re-evaluated at the perturbed point needs all of them. ``wrapper``:
+  ``method`` wraps a method of the family (which is where ``mask=`` goes).
+  """
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  paths = sorted({jax.tree_util.keystr(path)
+                  for tree in (updates, params)
+                  for path, leaf in jax.tree_util.tree_flatten_with_path(
+                      tree, is_leaf=is_masked)[0]
+                  if is_masked(leaf)})
+  if not paths:
+    return
+  shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
+  example = (f"sam_optax.{method}(sam_optax.sam(..., mask=is_sam), ...)" if wrapper
+             else f"sam_optax.{method}(..., mask=is_sam)")
+  raise ValueError(
+      f"{method}: update() got only a part of the parameters (optax.MaskedNode"
+      f" at {shown}): it is inside optax.masked or optax.multi_transform,"
+      " which hide the other parameters from it, but the loss re-evaluated at"
+      " the perturbed point needs all of them. Put it outside and select the"
+      " leaves to perturb with the mask= option of"
+      f" {'the method it wraps' if wrapper else 'the method'} instead, e.g."
+      f" optax.chain({example}, optax.multi_transform(base_optimizers, labels))"
+      " with is_sam = lambda params: jax.tree.map(lambda label: label == 'sam',"
+      " labels(params)). Only the selected leaves are perturbed; every leaf"
+      " gets the gradient at the perturbed point.")
 
 
 def check_update_inputs(method: str, updates: Any, params: Any) -> None:
@@ -632,6 +726,7 @@ def transformation(
   def update(updates, state, params=None, **extra_args):
     check_not_wrapped(method)
     check_update_inputs(method, updates, params)
+    check_not_masked(method, updates, params)
     values = {name: radius_at(value, state.count) for name, value in radii.items()}
     if phased:
       values[ASCENT_STEP] = extra_args.pop(ASCENT_STEP, None)

@@ -153,15 +153,22 @@ def esam(
     True
   """
   method = "esam"
+  if isinstance(gamma, jax.Array):  # ⌈γB⌉ is a shape: fixed at construction
+    raise TypeError(
+        f"{method}: gamma must be a Python float (it sets how many examples the"
+        f" second gradient uses, a shape), got {gamma!r}."
+        + _ascent.static_args_hint(method, "gamma", "seed"))
   for name, value in (("beta", beta), ("gamma", gamma)):
-    if not isinstance(value, (int, float)) or not 0 < value <= 1:
+    if _ascent._traced(value):  # pylint: disable=protected-access
+      continue  # beta under optax.inject_hyperparams and jit
+    number = _ascent._real(value)  # pylint: disable=protected-access
+    if number is None or not 0 < number <= 1:
       raise ValueError(f"{method}: {name} must be in (0, 1], got {name}={value!r}.")
   if isinstance(batch_argnames, str) or not batch_argnames:
     raise TypeError(
         f"{method}: batch_argnames must be a non-empty sequence of names of"
         f" update()'s extra arguments, got {batch_argnames!r}.")
-  if isinstance(seed, bool) or not isinstance(seed, int):
-    raise TypeError(f"{method}: seed must be an int, got {seed!r}.")
+  _ascent.check_seed(seed, method)
 
   def init(params: optax.Params) -> ESAMState:
     del params

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _ascent
-from sam_optax._ascent import Radius
-from sam_optax._parallel import axis_of
+from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax._parallel import Perturbation, axis_of
 from sam_optax._sam import sam
 
 
@@ -136,13 +136,16 @@ def every_k(
   method = "every_k"
   inner = _ascent.check_inner(method, inner)
   _ascent.check_axis_name(method, axis_name)
-  _ascent.check_int("k", k, 1, method)
+  _ascent.check_int("k", k, 1, method, injectable=True)
 
   def init(params):
     return IntervalState(count=jnp.zeros([], jnp.int32), inner=inner.init(params),
                          ascent_next=jnp.asarray(True))
 
   def update(updates, state, params=None, **extra_args):
+    # At once, not on the first step that runs the inner update (eagerly a
+    # skipped step does not call it).
+    _ascent.check_not_masked(method, updates, params, wrapper=True)
     take = _ascent.chosen_phase(method, extra_args.pop(_ascent.ASCENT_STEP, None),
                                 state.count % k == 0)
     new_updates, inner_state = _choose(
@@ -209,8 +212,7 @@ def with_probability(
     _ascent.check_radius("p", p, method)
   else:
     _ascent.check_in_range("p", p, 0.0, 1.0, method)
-  if isinstance(seed, bool) or not isinstance(seed, int):
-    raise TypeError(f"{method}: seed must be an int, got {seed!r}.")
+  _ascent.check_seed(seed, method)
 
   def draw(key, count):
     draw_key = jax.random.fold_in(jax.random.wrap_key_data(key), count)
@@ -223,6 +225,7 @@ def with_probability(
                            ascent_next=draw(key, count))
 
   def update(updates, state, params=None, **extra_args):
+    _ascent.check_not_masked(method, updates, params, wrapper=True)
     take = _ascent.chosen_phase(method, extra_args.pop(_ascent.ASCENT_STEP, None),
                                 draw(state.key, state.count))
     new_updates, inner_state = _choose(
@@ -235,28 +238,45 @@ def with_probability(
 
 
 def interval_sam(
-    rho: Radius = 0.05, k: int = 5, **sam_kwargs: Any
+    rho: Radius = 0.05,
+    k: int = 5,
+    *,
+    loss_fn: LossFn | None = None,
+    normalize: bool = True,
+    has_aux: bool = False,
+    perturbation: Perturbation | None = None,
+    mask: Mask | None = None,
+    eps: float = _ascent.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   """Interval SAM: :func:`sam_optax.sam` every ``k`` steps, SGD's gradient otherwise.
 
-  ``every_k(sam(rho, **sam_kwargs), k)``; see :func:`every_k`.
+  ``every_k(sam(rho, ...), k)``; see :func:`every_k`.
   Takes the keywords of :func:`sam_optax.sam`. Cost ``1 + 1/k``.
 
   Example:
     >>> import optax, sam_optax
     >>> tx = optax.chain(sam_optax.interval_sam(0.05, k=5), optax.sgd(0.1))
   """
-  return every_k(sam(rho, **sam_kwargs), k,
-                 axis_name=axis_of(sam_kwargs.get("perturbation")))
+  inner = sam(rho, loss_fn=loss_fn, normalize=normalize, has_aux=has_aux,
+              perturbation=perturbation, mask=mask, eps=eps)
+  return every_k(inner, k, axis_name=axis_of(perturbation))
 
 
 def stochastic_sam(
-    rho: Radius = 0.05, p: float | optax.Schedule = 0.5, *, seed: int = 0,
-    **sam_kwargs: Any,
+    rho: Radius = 0.05,
+    p: float | optax.Schedule = 0.5,
+    *,
+    seed: int = 0,
+    loss_fn: LossFn | None = None,
+    normalize: bool = True,
+    has_aux: bool = False,
+    perturbation: Perturbation | None = None,
+    mask: Mask | None = None,
+    eps: float = _ascent.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   """Stochastic SAM: :func:`sam_optax.sam` with probability ``p``, SGD's gradient otherwise.
 
-  ``with_probability(sam(rho, **sam_kwargs), p, seed=seed)``;
+  ``with_probability(sam(rho, ...), p, seed=seed)``;
   see :func:`with_probability`. Takes the keywords of :func:`sam_optax.sam`.
   Cost ``1 + p``.
 
@@ -264,6 +284,8 @@ def stochastic_sam(
     >>> import optax, sam_optax
     >>> tx = optax.chain(sam_optax.stochastic_sam(0.05, p=0.5), optax.sgd(0.1))
   """
-  return with_probability(sam(rho, **sam_kwargs), p, seed=seed,
-                          axis_name=axis_of(sam_kwargs.get("perturbation")))
+  _ascent.check_seed(seed, "stochastic_sam")  # named as the user called it
+  inner = sam(rho, loss_fn=loss_fn, normalize=normalize, has_aux=has_aux,
+              perturbation=perturbation, mask=mask, eps=eps)
+  return with_probability(inner, p, seed=seed, axis_name=axis_of(perturbation))
 

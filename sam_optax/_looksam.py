@@ -111,7 +111,7 @@ def looksam(
     6
   """
   method = "looksam"
-  _ascent.check_int("k", k, 1, method)
+  _ascent.check_int("k", k, 1, method, injectable=True)
   _ascent.check_non_negative("alpha", alpha, method)
 
   def init(params: optax.Params) -> LookSAMState:

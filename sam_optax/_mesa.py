@@ -12,7 +12,7 @@ import optax
 from sam_optax import _ascent
 from sam_optax.losses import TrajectoryTarget
 from sam_optax._saf import (TrajectorySchedule, example_mask_or_ones, find_state,
-                           make_schedule)
+                           make_schedule, reject_injected)
 
 
 class MESAState(NamedTuple):
@@ -154,6 +154,8 @@ def mesa(
     {'w': (3, 2)}
   """
   method = "mesa"
+  reject_injected(method, steps_per_epoch=steps_per_epoch, lam=lam, tau=tau,
+                  decay=decay, start_epoch=start_epoch, end_epoch=end_epoch)
   schedule = make_schedule(
       method, lam=lam, tau=tau, steps_per_epoch=steps_per_epoch,
       start_epoch=start_epoch, end_epoch=end_epoch, min_start_epoch=0)

@@ -141,8 +141,9 @@ def msam(
   method = "msam"
   base = _ascent.check_base(method, base_optimizer)
   _ascent.check_radius("rho", rho, method)
-  number = _ascent._real(momentum)  # pylint: disable=protected-access
-  if number is None or not 0.0 <= number < 1.0:
+  traced = _ascent._traced(momentum)  # pylint: disable=protected-access
+  number = None if traced else _ascent._real(momentum)  # pylint: disable=protected-access
+  if not traced and (number is None or not 0.0 <= number < 1.0):
     raise ValueError(f"{method}: momentum must be in [0, 1), got momentum={momentum!r}"
                      " (at 1 the EMA would never see a gradient).")
   _ascent.check_positive("eps", eps, method)

@@ -61,6 +61,25 @@ class TrajectorySchedule(NamedTuple):
     return jnp.where(active, self.lam, jnp.zeros_like(self.lam))
 
 
+def reject_injected(method: str, **values: Any) -> None:
+  """A clear ``TypeError`` for hyperparameters given as JAX arrays.
+
+  SAF and MESA keep their hyperparameters in their state (set at ``init``),
+  so ``optax.inject_hyperparams``, which rebuilds the transform with new
+  values on each update, could not change them: they must be static there.
+  """
+  injected = [name for name, value in values.items() if isinstance(value, jax.Array)]
+  if injected:
+    raise TypeError(
+        f"{method}: {injected[0]} must be a Python number, got"
+        f" {values[injected[0]]!r}. {method} keeps its hyperparameters in its"
+        " state (set at init), so optax.inject_hyperparams could not change"
+        " them: change them in the state between steps instead (e.g."
+        " opt_state.schedule._replace(lam=...)), and list them all in"
+        " static_args: optax.inject_hyperparams(sam_optax."
+        f"{method}, static_args={tuple(values)}).")
+
+
 def make_schedule(
     method: str,
     *,
@@ -312,6 +331,9 @@ def saf(
     (2, 6, 2)
   """
   method = "saf"
+  reject_injected(method, num_examples=num_examples, num_classes=num_classes,
+                  steps_per_epoch=steps_per_epoch, lam=lam, tau=tau,
+                  start_epoch=start_epoch, end_epoch=end_epoch, past_epochs=past_epochs)
   _ascent.check_int("num_examples", num_examples, 1, method)
   _ascent.check_int("num_classes", num_classes, 1, method)
   _ascent.check_int("past_epochs", past_epochs, 1, method)

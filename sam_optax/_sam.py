@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import optax
 
 from sam_optax import _ascent
@@ -145,15 +143,23 @@ def sam(
       perturbation=perturbation, mask=mask, eps=eps)
 
 
-def usam(rho: Radius = 0.05, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+def usam(
+    rho: Radius = 0.05,
+    *,
+    loss_fn: LossFn | None = None,
+    has_aux: bool = False,
+    perturbation: Perturbation | None = None,
+    mask: Mask | None = None,
+    eps: float = _ascent.DEFAULT_EPS,
+) -> optax.GradientTransformationExtraArgs:
   """Unnormalized SAM, ``ŵ = w + ρ · g``: :func:`sam` with ``normalize=False``.
 
-  Takes the keywords of :func:`sam` except ``normalize``.
+  Takes the keywords of :func:`sam` except ``normalize`` (spelled out, so that
+  ``optax.inject_hyperparams`` sees them).
 
   Example:
     >>> import optax, sam_optax
     >>> tx = optax.chain(sam_optax.usam(0.05), optax.sgd(0.05))
   """
-  if "normalize" in kwargs:
-    raise TypeError("usam: normalize is always False; use sam(normalize=...) instead.")
-  return sam(rho, normalize=False, **kwargs)
+  return sam(rho, loss_fn=loss_fn, normalize=False, has_aux=has_aux,
+             perturbation=perturbation, mask=mask, eps=eps)

@@ -66,6 +66,7 @@ def stable_sam(
   _ascent.check_axis_name("stable_sam", axis_name)
 
   def update(updates, state, params=None, **extra_args):
+    _ascent.check_not_masked("stable_sam", updates, params, wrapper=True)
     surrogate, state = inner.update(updates, state, params, **extra_args)
     exact = _ascent.mean_over_axis(updates, axis_name)
     return _ascent.rescale_to_norm(surrogate, exact, eps), state

@@ -29,6 +29,8 @@ class WSAMDecoupledState(NamedTuple):
 
 def _alpha(method: str, gamma: float) -> float:
   """``α = γ / (1 − γ)``, with ``γ ∈ [0, 1)`` checked."""
+  if _ascent._traced(gamma):  # pylint: disable=protected-access
+    return gamma / (1.0 - gamma)  # under optax.inject_hyperparams and jit
   number = _ascent._real(gamma)  # pylint: disable=protected-access
   if number is None or not 0.0 <= number < 1.0:
     raise ValueError(

@@ -6,6 +6,8 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -80,3 +82,40 @@ def test_gradient_accumulation_runs_as_written():
   assert not np.allclose(namespace["params"]["w"], before["w"])
   sam_optax = namespace["sam_optax"]
   assert isinstance(namespace["micro"], sam_optax.MicroBatches)
+
+
+def _sam_steps(loss_fn, params, x, y, steps=2, rho=0.05, lr=0.1):
+  """SAM with SGD by its formula: ``w ← w − lr ∇L(w + ρ g/‖g‖)``."""
+  for _ in range(steps):
+    g = jax.grad(loss_fn)(params, x, y)
+    norm = optax.tree.norm(g)
+    g_tilde = jax.grad(loss_fn)(jax.tree.map(lambda w, d: w + rho * d / norm, params, g), x, y)
+    params = jax.tree.map(lambda w, d: w - lr * d, params, g_tilde)
+  return params
+
+
+def test_flax_section_trains_linen_and_nnx_with_the_batch():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  block = re.search(r"## Flax\n.*?```python\n(.*?)```", README, flags=re.DOTALL).group(1)
+  namespace = {}
+  exec(compile(block, "README Flax", "exec"), namespace)  # pylint: disable=exec-used
+  x, y, state = namespace["x"], namespace["y"], namespace["state"]
+  # linen: the same init, two SAM steps by the formula.
+  start = namespace["model"].init(jax.random.key(0), x)["params"]
+  want = _sam_steps(namespace["loss_fn"], start, x, y)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               state.params, want)
+  assert int(state.opt_state[0].count) == 2  # the count the README says to read
+  # NNX: the same, from the same initial layer.
+  start = nnx.state(nnx.Linear(3, 1, rngs=nnx.Rngs(0)), nnx.Param)
+  want = _sam_steps(namespace["nnx_loss_fn"], start, x, y)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               nnx.state(namespace["net"], nnx.Param), want)
+  assert int(namespace["optimizer"].opt_state[0].count.value) == 2
+  # apply_gradients(grads=...) calls tx.update without the batch: a clear error.
+  grads = jax.grad(namespace["loss_fn"])(state.params, x, y)
+  with pytest.raises(TypeError, match=r"sam: loss_fn\(params, x, y\) requires \['x', 'y'\],"
+                     r" but update\(\) got no extra arguments.*TrainState.apply_gradients"
+                     r".*call tx.update yourself \(see README 'Flax'\)"):
+    state.apply_gradients(grads=grads)
