@@ -7,7 +7,7 @@ import pytest
 
 from experiments import compare
 from experiments.examples import linen_sam, nnx_sam
-from test_experiments_train import compilation_cache  # noqa: F401  pylint: disable=unused-import
+from xla_cache import compilation_cache  # noqa: F401  pylint: disable=unused-import
 
 # Its module-scoped fixtures are expensive: one xdist worker runs the whole file.
 pytestmark = pytest.mark.xdist_group("test_experiments_compare")

@@ -26,9 +26,6 @@ CORE = {"jax", "optax", "chex"}
 SAM_STEP = """
 import importlib.util, pathlib, sys
 import jax, jax.numpy as jnp, optax, sam_optax
-
-# Its module-scoped fixtures are expensive: one xdist worker runs the whole file.
-pytestmark = pytest.mark.xdist_group("test_packaging")
 assert pathlib.Path(sam_optax.__file__).is_relative_to(sys.prefix), sam_optax.__file__
 for extra in ("flax", "tensorflow", "orbax", "matplotlib", "pytest"):
   assert importlib.util.find_spec(extra) is None, extra

@@ -11,12 +11,14 @@ import pytest
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-  """Identical programs compile once per module (a cache folder of its own)."""
+  """Identical programs compile once per worker."""
   from jax._src import compilation_cache as cache  # pylint: disable=import-outside-toplevel
 
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
   previous = {name: getattr(jax.config, name) for name in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("xla-cache")))
+  # One folder per worker, shared by the modules that use it (the training tests,
+  # the comparison, the study compile some of the same programs).
+  jax.config.update(names[0], str(tmp_path_factory.getbasetemp() / "xla-cache"))
   jax.config.update(names[1], 0.0)
   cache.reset_cache()
   yield
