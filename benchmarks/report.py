@@ -176,10 +176,9 @@ def check_targets(task: Mapping[str, Any]) -> list[dict[str, Any]]:
   if "sam" in by_name:
     add("sam extra memory ≤ 1 parameter copy", by_name["sam"]["extra_peak_copies"], 1.0)
     if "gsam" in by_name:
-      # GSAM's update g_p − α g_⊥ needs the clean gradient g after the second
-      # pass, so g lives through it: its floor is SAM's memory + one copy.
-      add("gsam extra memory ≤ sam's + 1 parameter copy (g kept through the second pass)",
-          by_name["gsam"]["extra_peak_copies"] - by_name["sam"]["extra_peak_copies"], 1.0)
+      # GSAM's update (1 + αc) g_p − α g needs the clean gradient g after the
+      # second pass; where activations dominate, XLA fits it in their buffers.
+      add("gsam extra memory ≤ 1 parameter copy", by_name["gsam"]["extra_peak_copies"], 1.0)
   for name, limit in TIME_TARGETS.items():
     if name in by_name:
       add(f"{name} step time ≤ {limit:g}× SGD", by_name[name]["ratio_median"], limit)

@@ -257,6 +257,15 @@ def scaled_sum(tree_a: Any, scale: float | jax.Array, tree_b: Any, like: Any = N
   )
 
 
+def linear_combination(scale_a: float | jax.Array, tree_a: Any, scale_b: float | jax.Array,
+                       tree_b: Any, like: Any) -> Any:
+  """``scale_a·a + scale_b·b`` computed in float32, cast leafwise to the dtypes of ``like``."""
+  return jax.tree.map(
+      lambda a, b, ref: (scale_a * jnp.asarray(a, jnp.float32)
+                         + scale_b * jnp.asarray(b, jnp.float32)).astype(ref.dtype),
+      tree_a, tree_b, like)
+
+
 def ascent_point(params: optax.Params, direction: Any, scale: jax.Array) -> optax.Params:
   """``ŵ = w + scale · direction`` in float32, in the parameters' dtypes."""
   return scaled_sum(params, scale, direction)

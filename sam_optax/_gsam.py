@@ -69,8 +69,12 @@ def gsam(
 
   def rule(grads, state, ascent, *, rho):
     sam_grads = ascent.gradient_at(ascent.normalized(grads), rho)
-    orthogonal = _ascent.orthogonal_part(grads, sam_grads, ascent.eps, like=sam_grads)
-    return _ascent.scaled_sum(sam_grads, -alpha, orthogonal), state
+    # g_p − α g_⊥ = (1 + α c) g_p − α g with c = ⟨g, g_p⟩ / (‖g_p‖² + δ): one
+    # elementwise pass over the leaves, no g_⊥ tree materialized.
+    projection = _ascent.divide_by_norm(_ascent.vdot(grads, sam_grads), sam_grads,
+                                        ascent.eps, squared=True)
+    return _ascent.linear_combination(1.0 + alpha * projection, sam_grads,
+                                      -alpha, grads, like=sam_grads), state
 
   return _ascent.transformation(
       "gsam", rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,
