@@ -992,7 +992,9 @@ def takes_ascent_step(opt_state: Any) -> bool | None:
   ``jax.lax.cond`` (on XLA:CPU convolution gradients inside a conditional
   branch run several times slower). The outermost such method is read (a
   state nested inside it is not); ``update`` checks the value it is given
-  against its state.
+  against its state. The read waits for the previous step to finish, which
+  costs about a millisecond per step on CPU: for steps shorter than that
+  (small MLPs) keep ``lax.cond`` (``benchmarks/RESULTS.md`` has both forms).
 
   Args:
     opt_state: the state of the whole optimizer (a chain, a state under

@@ -82,8 +82,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # Method hyperparameters, hparams.<method>.<name>: the constructors' defaults.
   config.hparams = hparams_config()
   # LookSAM / interval / stochastic SAM: 'auto' = two compiled steps chosen in
-  # Python on CPU (a lax.cond is slow there for convolutions), lax.cond
-  # elsewhere; 'static' or 'cond' force one.
+  # Python on CPU for a convolutional model (a lax.cond is slow there for
+  # convolutions), lax.cond elsewhere; 'static' or 'cond' force one.
   config.phase = "auto"
 
   # Devices. data_parallel: jit over a ('data',) mesh of every device. m-sharpness
