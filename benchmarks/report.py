@@ -271,8 +271,9 @@ def diagnose(task: Mapping[str, Any]) -> list[str]:
             " (jax-ml/jax#12868, convolutions in a loop body; a convolution's"
             " gradient alone measures 5 ms plain and 167 ms inside `lax.cond` here)."
             " The flops are those of 1 + 1/k gradients; the time is not, on CPU."
-            " On CPU, choose the step in Python between two jitted functions (a SAM"
-            " step and a plain one) instead.")
+            " On CPU, choose the phase when tracing instead (`update(...,"
+            " ascent_step=sam_optax.takes_ascent_step(opt_state))`: the"
+            " '(static phase)' rows).")
     if r["group"] == "sam_optax" and abs(r["theory_deviation"]) > THEORY_TOLERANCE:
       lines.append(
           f"**{r['method']}**: flops {r['flops_ratio']:.3f}× SGD against"
