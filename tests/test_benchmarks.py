@@ -17,9 +17,6 @@ import pytest
 import sam_optax
 from benchmarks import measure, methods, report, run, tasks
 
-# Its module-scoped fixtures are expensive: one xdist worker runs the whole file.
-pytestmark = pytest.mark.xdist_group("test_benchmarks")
-
 
 class TinyMLP(nn.Module):
   """6 → 8 → 3, ReLU: compiles in a fraction of a second; its activations

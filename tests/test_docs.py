@@ -19,9 +19,6 @@ import pytest
 
 import sam_optax
 
-# Its module-scoped fixtures are expensive: one xdist worker runs the whole file.
-pytestmark = pytest.mark.xdist_group("test_docs")
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))

@@ -9,9 +9,6 @@ from experiments import compare
 from experiments.examples import linen_sam, nnx_sam
 from xla_cache import compilation_cache  # noqa: F401  pylint: disable=unused-import
 
-# Its module-scoped fixtures are expensive: one xdist worker runs the whole file.
-pytestmark = pytest.mark.xdist_group("test_experiments_compare")
-
 SMALL = ["compare", "--config=experiments/configs/default.py:tiny", "--noprogress"]
 
 

@@ -34,9 +34,6 @@ from experiments import train
 from experiments.configs import imagenet_resnet50
 from test_experiments_train import tiny_config as _tiny
 
-# Its module-scoped fixtures are expensive: one xdist worker runs the whole file.
-pytestmark = pytest.mark.xdist_group("test_experiments_parallel")
-
 DEVICES = 8
 STEPS = 2
 

@@ -24,9 +24,6 @@ from experiments import main as cli
 from experiments.configs import default
 from xla_cache import compilation_cache  # noqa: F401  (autouse)
 
-# Its module-scoped fixtures are expensive: one xdist worker runs the whole file.
-pytestmark = pytest.mark.xdist_group("test_experiments_train")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "experiments", "configs")
 

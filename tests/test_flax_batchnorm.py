@@ -39,9 +39,6 @@ import pytest
 
 import sam_optax
 
-# Its module-scoped fixtures are expensive: one xdist worker runs the whole file.
-pytestmark = pytest.mark.xdist_group("test_flax_batchnorm")
-
 RHO = 0.05  # the ρ of the snippet
 
 

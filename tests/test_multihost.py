@@ -28,9 +28,6 @@ from experiments import checkpoints as checkpoints_lib
 from experiments import distributed, train
 from experiments import main as cli
 
-# Its module-scoped fixtures are expensive: one xdist worker runs the whole file.
-pytestmark = pytest.mark.xdist_group("test_multihost")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSES, LOCAL_DEVICES = 2, 2
 DEADLINE_S = 240  # generous for a loaded machine; the run itself takes ~30 s
