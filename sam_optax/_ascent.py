@@ -1058,22 +1058,24 @@ def sequenced(value: Any, after: Any) -> Any:
   return jax.tree.map(lambda v: v + zero.astype(v.dtype), value)
 
 
-def check_inner(method: str, inner: Any) -> optax.GradientTransformationExtraArgs:
-  """``inner`` as a transform with extra-args support, or a clear TypeError."""
-  if not hasattr(inner, "init") or not hasattr(inner, "update"):
+def _check_transformation(method: str, name: str, value: Any, example: str
+                          ) -> optax.GradientTransformationExtraArgs:
+  if not hasattr(value, "init") or not hasattr(value, "update"):
     raise TypeError(
-        f"{method}: inner must be an optax GradientTransformation of this"
-        f" family such as sam_optax.sam(...), got {type(inner).__name__}.")
-  return optax.with_extra_args_support(inner)
+        f"{method}: {name} must be an optax GradientTransformation such as"
+        f" {example}, got {type(value).__name__}.")
+  return optax.with_extra_args_support(value)
+
+
+def check_inner(method: str, inner: Any) -> optax.GradientTransformationExtraArgs:
+  """``inner`` (a method of this family) with extra-args support, or a clear TypeError."""
+  return _check_transformation(method, "inner", inner, "sam_optax.sam(...) (of this family)")
 
 
 def check_base(method: str, base: Any) -> optax.GradientTransformationExtraArgs:
   """``base`` (a base optimizer) with extra-args support, or a clear TypeError."""
-  if not hasattr(base, "init") or not hasattr(base, "update"):
-    raise TypeError(
-        f"{method}: base_optimizer must be an optax GradientTransformation such"
-        f" as optax.sgd(...) or optax.adamw(...), got {type(base).__name__}.")
-  return optax.with_extra_args_support(base)
+  return _check_transformation(method, "base_optimizer", base,
+                               "optax.sgd(...) or optax.adamw(...)")
 
 
 def check_axis_name(method: str, axis_name: Any) -> None:
