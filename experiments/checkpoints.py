@@ -6,6 +6,9 @@ weights), the step -- and the loop's state (:class:`LoopState`: learning
 curves, step times, the current epoch's running sums) with the run's config,
 each saved as one unit. The data position follows from the step (see
 :mod:`experiments.input_pipeline`), so a resumed run continues bit-exactly.
+Arrays sharded over the devices (``config.shard_state``: SAF's bank split
+along its example axis) are saved and restored shard by shard, into the
+same shardings.
 """
 
 from __future__ import annotations
@@ -99,9 +102,19 @@ class Checkpoints:
         meta=self.ocp.args.JsonRestore()))
     return restored["meta"]["config"]
 
-  def restore(self, state):
-    """``(state, loop)`` of the latest checkpoint; ``state`` gives the structure."""
+  def restore(self, state, shardings=None):
+    """``(state, loop)`` of the latest checkpoint.
+
+    ``state`` gives the structure, shapes and dtypes, and the shardings each
+    array is restored into: those of ``state``'s arrays, or ``shardings`` (a
+    tree of its structure, :meth:`experiments.placement.Placement.state_shardings`)
+    if given. A sharded leaf (SAF's bank) is read shard by shard, never whole.
+    """
     target = jax.tree.map(self.ocp.utils.to_shape_dtype_struct, _tree(state))
+    if shardings is not None:
+      target = jax.tree.map(
+          lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+          if isinstance(x, jax.ShapeDtypeStruct) else x, target, _tree(shardings))
     restored = self.manager.restore(self.manager.latest_step(), args=self.ocp.args.Composite(
         state=self.ocp.args.StandardRestore(target), meta=self.ocp.args.JsonRestore()))
     tree = restored["state"]
