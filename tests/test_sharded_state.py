@@ -9,9 +9,9 @@ into its shards). ``'fsdp'`` splits the parameters and the optimizer state
 too (equal up to float rounding). The bank's rows are padded to a multiple
 of the device count; a bank that does not divide is a clear error.
 
-The runs: 12 steps of the tiny MNIST-1D config (400 examples, batches of 80:
-5 steps per epoch), SAF with Ẽ = 1 and ``start_epoch`` 1, so steps 10 and 11
-read the bank rows written in epoch 1.
+The runs: 5 steps of the tiny MNIST-1D config with batches of 200 (400
+examples: 2 steps per epoch), SAF with Ẽ = 1 and ``start_epoch`` 1, so step 4
+(epoch 2) reads the bank rows written in epoch 1.
 """
 
 import types
@@ -33,14 +33,14 @@ from xla_cache import compilation_cache  # noqa: F401  (autouse)
 pytestmark = pytest.mark.xdist_group("test_sharded_state")
 
 DEVICES = 8
-STEPS = 12
+STEPS = 5
 IMAGENET_TRAIN = 1_281_167
 
 
 def tiny_config(**overrides):
-  """SAF on 8 devices, 3 epochs (no evaluation before step 15), stopped at step 12."""
+  """SAF on 8 devices, 3 epochs of 2 steps (no evaluation before step 6), stopped at step 5."""
   return _tiny(**{"data_parallel": True, "model_kwargs.channels": (4,), "method": "saf",
-                  "num_epochs": 3, "eval_every_epochs": 3, "max_steps": STEPS,
+                  "batch_size": 200, "num_epochs": 3, "eval_every_epochs": 3, "max_steps": STEPS,
                   **overrides})
 
 
@@ -72,7 +72,7 @@ def test_sharded_bank_run_equals_the_replicated_run(runs):
   sharded, replicated = runs["auto"], runs["none"]
   assert sharded.step == replicated.step == STEPS and not sharded.finished
   bank = saf_state(sharded.state)
-  # The trajectory loss was on (epoch 2: steps 10, 11) and read slot 1, all written.
+  # The trajectory loss was on (epoch 2: step 4) and read slot 1, all written.
   assert float(bank.schedule.weight(jnp.asarray(STEPS - 1))) > 0
   assert bool(jnp.all(jnp.any(bank.bank[1] != 0, axis=-1)))
   for field in ("step", "params", "batch_stats", "opt_state"):
@@ -93,9 +93,9 @@ def test_the_bank_is_split_along_its_example_axis(runs):
 
 
 def test_sharded_resume_is_bit_exact(runs, pipeline, tmp_path):
-  """Stopped mid-epoch 1 (step 7), resumed from the orbax checkpoint to step 12."""
-  stopped = train_run(tiny_config(max_steps=7, checkpoint_every_steps=3), tmp_path, pipeline)
-  assert stopped.step == 7
+  """Stopped mid-epoch 1 (step 3), resumed from the orbax checkpoint to step 5."""
+  stopped = train_run(tiny_config(max_steps=3, checkpoint_every_steps=2), tmp_path, pipeline)
+  assert stopped.step == 3
   # The checkpoint restores into the sharded layout.
   run = train.create_run(tiny_config(), pipeline)
   store = checkpoints.Checkpoints(str(tmp_path / "checkpoints"))
@@ -108,7 +108,7 @@ def test_sharded_resume_is_bit_exact(runs, pipeline, tmp_path):
   assert {shard.data.shape for shard in bank.addressable_shards} == {(2, 400 // DEVICES, 10)}
   chex.assert_trees_all_equal(restored.opt_state, stopped.state.opt_state)
 
-  resumed = train_run(tiny_config(checkpoint_every_steps=3), tmp_path, pipeline, resume=True)
+  resumed = train_run(tiny_config(checkpoint_every_steps=2), tmp_path, pipeline, resume=True)
   assert resumed.step == STEPS
   whole = runs["auto"]
   for field in ("step", "params", "batch_stats", "opt_state"):
@@ -133,11 +133,12 @@ def test_fsdp_splits_the_parameters_and_the_optimizer_state(runs, pipeline, tmp_
 
 
 def _placement(**overrides):
-  return placement.Placement(tiny_config(**overrides), types.SimpleNamespace(batch_size=80))
+  return placement.Placement(tiny_config(**overrides), types.SimpleNamespace(batch_size=200))
 
 
 def test_bank_rows_are_padded_to_the_device_count_and_must_divide():
   sharded, replicated = _placement(), _placement(shard_state="none")
+  assert sharded.devices == DEVICES
   assert [sharded.bank_examples(n) for n in (400, 401, IMAGENET_TRAIN)] == \
       [400, 408, IMAGENET_TRAIN + 1]
   assert replicated.bank_examples(401) == 401
