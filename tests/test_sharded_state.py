@@ -181,3 +181,22 @@ def test_evaluation_weights_are_gathered_from_their_shards():
   assert local["w"].sharding.is_fully_replicated
   np.testing.assert_array_equal(np.asarray(local["w"]), tree["w"])
   np.testing.assert_array_equal(np.asarray(local["b"]), tree["b"])
+
+
+def test_a_checkpoint_of_other_shapes_is_a_clear_error(tmp_path):
+  """E.g. a padded bank resumed on a device count that pads it to other rows."""
+
+  def state(rows):
+    return train.TrainState.create(apply_fn=None, params={"bank": jnp.zeros((2, rows))},
+                                   tx=optax.sgd(0.1), batch_stats={}).replace(
+                                       step=jnp.asarray(1, jnp.int32))
+
+  store = checkpoints.Checkpoints(str(tmp_path))
+  try:
+    store.save(state(408), checkpoints.LoopState(), {"seed": 0})
+    store.manager.wait_until_finished()
+    with pytest.raises(checkpoints.UsageError, match=r"--resume: the checkpoint's params.bank has"
+                       r" shape \(2, 408\), this run's \(2, 416\).*the same rows"):
+      store.restore(state(416))
+  finally:
+    store.close()
