@@ -6,6 +6,9 @@ weights), the step -- and the loop's state (:class:`LoopState`: learning
 curves, step times, the current epoch's running sums) with the run's config,
 each saved as one unit. The data position follows from the step (see
 :mod:`experiments.input_pipeline`), so a resumed run continues bit-exactly.
+Arrays sharded over the devices (``config.shard_state``: SAF's bank split
+along its example axis) are saved and restored shard by shard, into the
+same shardings.
 """
 
 from __future__ import annotations
@@ -99,19 +102,61 @@ class Checkpoints:
         meta=self.ocp.args.JsonRestore()))
     return restored["meta"]["config"]
 
-  def restore(self, state):
-    """``(state, loop)`` of the latest checkpoint; ``state`` gives the structure."""
+  def restore(self, state, shardings=None):
+    """``(state, loop)`` of the latest checkpoint.
+
+    ``state`` gives the structure, shapes and dtypes, and the shardings each
+    array is restored into: those of ``state``'s arrays, or ``shardings`` (a
+    tree of its structure, :meth:`experiments.placement.Placement.state_shardings`)
+    if given. A sharded leaf (SAF's bank) is read shard by shard, never whole.
+
+    Raises:
+      UsageError: naming the first array whose saved shape differs from this
+        run's (e.g. SAF's bank, padded for another device count).
+    """
     target = jax.tree.map(self.ocp.utils.to_shape_dtype_struct, _tree(state))
-    restored = self.manager.restore(self.manager.latest_step(), args=self.ocp.args.Composite(
+    if shardings is not None:
+      target = jax.tree.map(
+          lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+          if isinstance(x, jax.ShapeDtypeStruct) else x, target, _tree(shardings))
+    step = self.manager.latest_step()
+    self._check_shapes(step, target)
+    restored = self.manager.restore(step, args=self.ocp.args.Composite(
         state=self.ocp.args.StandardRestore(target), meta=self.ocp.args.JsonRestore()))
     tree = restored["state"]
     state = state.replace(step=tree["step"], params=tree["params"],
                           batch_stats=tree["batch_stats"], opt_state=tree["opt_state"])
     return state, LoopState(**restored["meta"]["loop"])
 
+  def _check_shapes(self, step: int, target) -> None:
+    """A clear error when the checkpoint's arrays have other shapes than ``target``'s."""
+    saved = _shapes(getattr(self.manager.item_metadata(step)["state"], "tree", {}))
+    for path, shape in _shapes(target).items():
+      if path in saved and saved[path] != shape:
+        raise UsageError(
+            f"--resume: the checkpoint's {'.'.join(path)} has shape {saved[path]}, this"
+            f" run's {shape}. SAF's bank has its example rows padded to a multiple of the"
+            " device count (config.shard_state): resume on a device count that gives the"
+            " same rows.")
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _shapes(tree) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """``{path: shape}`` of the arrays of ``tree`` (orbax metadata or abstract arrays);
+  a path names dict keys, sequence indices and attributes alike, as orbax saves them."""
+
+  def name(key) -> str:
+    for attribute in ("key", "idx", "name"):
+      if hasattr(key, attribute):
+        return str(getattr(key, attribute))
+    return str(key)
+
+  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+  return {tuple(name(k) for k in path): tuple(x.shape) for path, x in leaves
+          if hasattr(x, "shape")}
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

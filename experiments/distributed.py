@@ -14,8 +14,10 @@ JAX). Every process
    assembles the global batch with ``jax.make_array_from_process_local_data``
    over a 1-D ``('data',)`` mesh of every device (:func:`data_mesh`, devices
    ordered by process, so process ``p`` holds rows ``[p·B/P, (p+1)·B/P)``);
-3. keeps the training state replicated on that mesh (:func:`replicate`), so
-   every process ends every step with the same parameters;
+3. keeps the training state on that mesh, replicated (:func:`replicate`) but
+   for what ``config.shard_state`` splits across the devices (SAF's logit
+   bank; :func:`place`, :mod:`experiments.placement`), so every process ends
+   every step with the same parameters;
 4. evaluates its own share of the test split on its local devices with a
    local copy of the weights (:func:`local_copy`) and gathers the results of
    every process (:func:`gather_rows`), so every process computes the same
@@ -176,20 +178,27 @@ def _is_key(x: Any) -> bool:
   return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _put(x: Any, sharding: NamedSharding) -> Any:
+  if _is_key(x):
+    data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  return jax.device_put(x, sharding)
+
+
 def replicate(tree: Any, sharding: NamedSharding) -> Any:
   """``tree`` placed on every device of ``sharding`` (every process gives the same values).
 
   Typed PRNG keys go through their raw data, which ``jax.device_put`` can
   place on devices of other processes.
   """
+  return jax.tree.map(lambda x: _put(x, sharding), tree)
 
-  def put(x):
-    if _is_key(x):
-      data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
-      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-    return jax.device_put(x, sharding)
 
-  return jax.tree.map(put, tree)
+def place(tree: Any, shardings: Any) -> Any:
+  """``tree`` placed leaf by leaf in ``shardings`` (a tree of ``NamedSharding`` of
+  its structure, e.g. from :meth:`experiments.placement.Placement.state_shardings`);
+  every process gives the same values, as for :func:`replicate`."""
+  return jax.tree.map(_put, tree, shardings)
 
 
 def local_copy(tree: Any, sharding: NamedSharding | None = None) -> Any:

@@ -2,7 +2,8 @@
 
 With ``config.data_parallel`` and more than one device, the step runs over a
 1-D mesh ``('data',)`` of every device of every process
-(:func:`experiments.distributed.data_mesh`): the state is replicated, each
+(:func:`experiments.distributed.data_mesh`): the state is replicated (but for
+what ``config.shard_state`` splits, below: SAF's logit bank by default), each
 global batch is split along its first axis (each process gives its own rows,
 ``jax.make_array_from_process_local_data``).
 
@@ -26,7 +27,33 @@ global batch is split along its first axis (each process gives its own rows,
   training pass over the global batch).
 
 Methods that do not perturb (SGD, SAF, MESA, ESAM's own step) always run the
-``jax.jit`` step. Equalities are tested in ``tests/test_experiments_parallel.py``.
+``jax.jit`` step. Equalities are tested in ``tests/test_experiments_parallel.py``
+and, for the sharded state, ``tests/test_sharded_state.py``.
+
+``config.shard_state`` says which parts of the training state are split
+across the ``'data'`` axis instead of replicated (:meth:`Placement.state_shardings`):
+
+* ``'auto'`` (default): SAF's logit bank (``[Ẽ + 1, examples, classes]``)
+  along its example axis, ``PartitionSpec(None, 'data')``, everything else
+  replicated. Each device holds ``1 / n`` of the bank (ImageNet, Ẽ = 2: 15 GB
+  in float32 over ``n`` devices); the step's gather of the batch's rows and
+  the scatter of its logits are exact, so the run equals the replicated one.
+  The bank's example axis is padded to a multiple of the device count
+  (:meth:`Placement.bank_examples`: at most ``n - 1`` rows that no example
+  index reaches; ImageNet's 1,281,167 examples on 8 devices: 1,281,168 rows).
+* ``'none'``: every leaf replicated (the bank too).
+* ``'fsdp'``: as ``'auto'``, and every other leaf of the parameters and the
+  optimizer state (momentum, MESA's EMA weights, ...) split along its largest
+  axis that the device count divides (leaves without one, scalars and PRNG
+  keys replicated). XLA gathers what a step needs, so the state's memory is
+  ``1 / n`` between steps; a ``shard_map`` step (``perturbation='device'``)
+  gathers the whole state at its start. Sums may be reduced in another order
+  than the replicated run's: equal to it up to float rounding.
+
+The step's outputs keep these shardings (``out_shardings``), the initial
+state is created in them (no device ever holds the whole bank) and a
+checkpoint restores into them (:class:`experiments.checkpoints.Checkpoints`).
+With one device, or without ``data_parallel``, nothing is sharded.
 """
 
 from __future__ import annotations
@@ -34,13 +61,37 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
+import sam_optax
 from experiments import distributed
 from experiments.checkpoints import UsageError
 
 PERTURBATIONS = ("device", "global", "split")
+SHARD_STATES = ("auto", "none", "fsdp")
+
+
+def check_shard_state(config) -> None:
+  """Checks ``config.shard_state`` (see the module docstring)."""
+  if config.shard_state not in SHARD_STATES:
+    raise UsageError(f"unknown shard_state {config.shard_state!r}; choose one of"
+                     f" {', '.join(SHARD_STATES)} (auto: SAF's bank split over the devices;"
+                     " none: everything replicated; fsdp: the bank, the parameters and the"
+                     " optimizer state split).")
+
+
+def _is_key(x: Any) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def fsdp_axis(shape: tuple[int, ...], devices: int) -> int | None:
+  """The largest axis of ``shape`` that ``devices`` divides (the first of equal ones), or None."""
+  divisible = [(-size, axis) for axis, size in enumerate(shape)
+               if size >= devices and size % devices == 0]
+  return min(divisible)[1] if divisible else None
 
 
 def check_perturbation(config) -> None:
@@ -126,6 +177,8 @@ class Placement:
     self.batch_size = pipeline.batch_size
     self.batch_splits = check_data_layout(config, jax.device_count(), jax.process_count())
     self.perturbation = config.perturbation
+    check_shard_state(config)
+    self.shard_state = config.shard_state
     self.mesh = None
     if config.data_parallel and jax.device_count() > 1:
       self.mesh = distributed.data_mesh()
@@ -135,9 +188,88 @@ class Placement:
       self.local_replicated = distributed.replicated(local_mesh)
       self.local_sharded = distributed.batch_sharded(local_mesh)
 
+  @property
+  def devices(self) -> int:
+    """The devices the state and the batch are spread over (1 without a mesh)."""
+    return 1 if self.mesh is None else self.mesh.size
+
+  @property
+  def shards_bank(self) -> bool:
+    """Whether SAF's bank is split along its example axis."""
+    return self.mesh is not None and self.shard_state != "none"
+
+  def bank_examples(self, num_examples: int) -> int:
+    """The rows of SAF's bank for ``num_examples`` training examples.
+
+    ``num_examples`` rounded up to a multiple of the device count when the
+    bank is sharded (every device holds as many rows), else ``num_examples``.
+    The extra rows are never read nor written by the input pipeline, whose
+    indices are ``< num_examples``.
+    """
+    if not self.shards_bank:
+      return num_examples
+    return -(-num_examples // self.devices) * self.devices
+
+  def state_shardings(self, state):
+    """A ``NamedSharding`` for every leaf of ``state``, in its structure (None without a mesh).
+
+    ``state`` may be concrete or abstract (``jax.ShapeDtypeStruct`` leaves,
+    e.g. from ``jax.eval_shape``); any pytree (a ``TrainState``, a key).
+    ``config.shard_state`` decides (module docstring): replicated leaves,
+    SAF banks (the ``bank`` of every ``sam_optax.SAFState``) split along
+    their example axis, and with ``'fsdp'`` the other leaves along their
+    largest divisible axis.
+
+    Raises:
+      UsageError: a SAF bank whose example count the device count does not
+        divide (build SAF with :meth:`bank_examples` rows, as the trainer does).
+    """
+    if self.mesh is None:
+      return None
+    devices, fsdp = self.devices, self.shard_state == "fsdp"
+
+    def leaf(x):
+      axis = None if not fsdp or _is_key(x) else fsdp_axis(tuple(np.shape(x)), devices)
+      if axis is None:
+        return self.replicated
+      return NamedSharding(self.mesh, PartitionSpec(*[None] * axis, self.axis_name))
+
+    def bank(x):
+      rows = x.shape[1]
+      if rows % devices:
+        raise UsageError(f"shard_state={self.shard_state!r}: SAF's bank has {rows} example rows"
+                         f" (num_train_examples), not divisible by the {devices} devices; build"
+                         " it with Placement.bank_examples(num_examples) rows (as the trainer"
+                         " does) or set --config.shard_state=none.")
+      return NamedSharding(self.mesh, PartitionSpec(None, self.axis_name))
+
+    def node(x):
+      if isinstance(x, sam_optax.SAFState):
+        return jax.tree.map(leaf, x)._replace(bank=bank(x.bank))
+      return leaf(x)
+
+    is_bank_state = (lambda x: isinstance(x, sam_optax.SAFState)) if self.shards_bank else None
+    return jax.tree.map(node, state, is_leaf=is_bank_state)
+
   def put_state(self, state):
-    """``state`` replicated on every device (unchanged on one device)."""
-    return state if self.mesh is None else distributed.replicate(state, self.replicated)
+    """``state`` on the devices in :meth:`state_shardings` (unchanged on one device)."""
+    if self.mesh is None:
+      return state
+    return distributed.place(state, self.state_shardings(state))
+
+  def init_state(self, init, *args):
+    """``init(*args)`` (e.g. ``TrainState.create``) computed in :meth:`state_shardings`.
+
+    Under ``jax.jit`` with those output shardings, so that a sharded leaf (SAF's
+    bank) is never whole on one device; every leaf a fresh buffer (an init may
+    alias its arguments, e.g. an EMA started as the parameters, and the step
+    donates the state). Without a mesh: ``init(*args)`` eagerly, copied.
+    """
+    if self.mesh is None:
+      return jax.tree.map(jnp.copy, init(*args))
+    args = distributed.replicate(args, self.replicated)
+    shardings = self.state_shardings(jax.eval_shape(init, *args))
+    return jax.tree.map(jnp.copy, jax.jit(init, out_shardings=shardings)(*args))
 
   def put_batch(self, batch):
     """This process's rows of a global batch, as one global array per key."""
@@ -153,8 +285,10 @@ class Placement:
     ``perturbation='device'`` and a method that perturbs."""
     return self.mesh is not None and self.perturbation == "device" and method.perturbs
 
-  def jit_step(self, train_step, per_device: bool = False):
-    """The jitted step (it donates the state); data parallel, its outputs stay replicated.
+  def jit_step(self, train_step, per_device: bool = False, state_shardings=None):
+    """The jitted step (it donates the state); data parallel, the state it returns
+    is in ``state_shardings`` (:meth:`state_shardings`; default: replicated), its
+    metrics replicated.
 
     ``per_device``: ``train_step`` is the step of one device's shard, run in
     ``shard_map`` over the data axis (state and key replicated, the batch split).
@@ -168,11 +302,21 @@ class Placement:
       train_step = jax.shard_map(train_step, mesh=self.mesh,
                                  in_specs=(replicated, split, replicated),
                                  out_specs=(replicated, replicated), check_vma=False)
-    return jax.jit(train_step, donate_argnums=0, out_shardings=self.replicated)
+    out_shardings = (self.replicated if state_shardings is None else state_shardings,
+                     self.replicated)
+    return jax.jit(train_step, donate_argnums=0, out_shardings=out_shardings)
 
   def local(self, tree):
-    """This process's copy of replicated weights, on its own devices (for evaluation)."""
-    return tree if self.mesh is None else distributed.local_copy(tree, self.local_replicated)
+    """This process's copy of the weights, on its own devices (for evaluation).
+
+    Sharded leaves (``shard_state='fsdp'``) are gathered first.
+    """
+    if self.mesh is None:
+      return tree
+    if any(isinstance(x, jax.Array) and not x.sharding.is_fully_replicated
+           for x in jax.tree.leaves(tree)):
+      tree = jax.jit(lambda t: t, out_shardings=self.replicated)(tree)
+    return distributed.local_copy(tree, self.local_replicated)
 
   def wrap_predict(self, predict):
     """``predict`` with ``x`` padded and sharded across this process's devices."""

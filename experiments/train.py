@@ -34,7 +34,7 @@ from experiments.checkpoints import (Checkpoints, LoopState, UsageError, changed
                                      check_output_dir, write_json)
 from experiments.evaluate import (evaluate_now, evaluated_weights, final_report,
                                   per_example_cross_entropy, record_epoch, variables)
-from experiments.placement import Placement, check_perturbation
+from experiments.placement import Placement, check_perturbation, check_shard_state
 
 
 class TrainState(train_state.TrainState):
@@ -284,6 +284,7 @@ def validate_config(config) -> None:
   if not config.learning_rate > 0:
     raise UsageError(f"learning_rate must be > 0, got {config.learning_rate!r}.")
   check_perturbation(config)
+  check_shard_state(config)
 
 
 @dataclasses.dataclass
@@ -328,19 +329,23 @@ def make_model(config, pipeline):
 
 def make_context(config, pipeline, loss_fns: LossFns, batch_stats, *,
                  batch_splits: int | None = None,
-                 axis_name: str | None = None) -> methods.Context:
+                 axis_name: str | None = None,
+                 num_examples: int | None = None) -> methods.Context:
   """What the method's transform is built from (:class:`experiments.methods.Context`).
 
   ``batch_splits``: the perturbing methods' groups per step (m-sharpness; see
   :func:`experiments.placement.check_data_layout`); ``axis_name``: the data
-  axis of a ``pmap`` / ``shard_map`` step (the trainer's ``jax.jit`` has none).
+  axis of a ``pmap`` / ``shard_map`` step (the trainer's ``jax.jit`` has none);
+  ``num_examples``: the rows of SAF's bank (default: the training examples;
+  :meth:`experiments.placement.Placement.bank_examples` when it is sharded).
   """
   lr_schedule, lr_max, lr_min = make_lr_schedule(config, pipeline.steps_per_epoch)
   return methods.Context(
       loss_fn=loss_fns.loss, logits_fn=loss_fns.logits, per_example_loss_fn=loss_fns.per_example,
       lr_schedule=lr_schedule, lr_max=lr_max, lr_min=lr_min,
       steps_per_epoch=pipeline.steps_per_epoch, num_epochs=config.num_epochs,
-      num_examples=pipeline.num_train_examples, num_classes=pipeline.num_classes,
+      num_examples=num_examples or pipeline.num_train_examples,
+      num_classes=pipeline.num_classes,
       model_state=batch_stats, seed=config.seed, batch_splits=batch_splits,
       axis_name=axis_name, grad_accum_steps=config.grad_accum_steps)
 
@@ -360,19 +365,26 @@ def create_run(config, pipeline, placement: Placement | None = None) -> Run:
   axis_name = placement.axis_name if placement.per_device(method) else None
   context = make_context(config, pipeline, loss_fns, batch_stats,
                          batch_splits=None if axis_name else placement.batch_splits,
-                         axis_name=axis_name)
+                         axis_name=axis_name,
+                         num_examples=placement.bank_examples(pipeline.num_train_examples))
   tx, hparams = make_optimizer(config, method, context)
-  state = TrainState.create(apply_fn=model.apply, params=initial["params"], tx=tx,
-                            batch_stats=batch_stats)
-  # A fresh buffer for every leaf: a transform's init may alias the params
-  # (e.g. an EMA started as a copy of them), and the step donates the state.
-  state = jax.tree.map(jnp.copy, state.replace(step=jnp.asarray(0, jnp.int32)))
+
+  def init_state(params, batch_stats):
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                              batch_stats=batch_stats)
+    return state.replace(step=jnp.asarray(0, jnp.int32))
+
+  # Created in its shardings (config.shard_state), a fresh buffer for every
+  # leaf: a transform's init may alias the params (e.g. an EMA started as a
+  # copy of them), and the step donates the state.
+  state = placement.init_state(init_state, initial["params"], batch_stats)
   train_step = make_train_step(loss_fns, method, make_predict(model), axis_name,
                                config.grad_accum_steps)
-  jit_step = functools.partial(placement.jit_step, per_device=axis_name is not None)
+  jit_step = functools.partial(placement.jit_step, per_device=axis_name is not None,
+                               state_shardings=placement.state_shardings(state))
   phase = phase_form(config, state.opt_state)
   return Run(
-      method=method, model=model, state=placement.put_state(state), hparams=hparams,
+      method=method, model=model, state=state, hparams=hparams,
       train_step=(PhasedStep(train_step, jit_step) if phase == "static"
                   else jit_step(train_step)), phase=phase,
       predict=placement.wrap_predict(jax.jit(make_predict(model))),
@@ -463,8 +475,7 @@ def _progress(total: int, initial: int, description: str, enabled: bool):
 def _train(config, workdir, run, pipeline, checkpoints, restore, progress) -> Result:
   state, loop = run.state, LoopState()
   if restore:
-    state, loop = checkpoints.restore(state)
-    state = run.placement.put_state(state)
+    state, loop = checkpoints.restore(state, run.placement.state_shardings(state))
   pending: list[dict[str, jax.Array]] = []
 
   def flush():  # the steps' outputs, fetched in bulk

@@ -251,7 +251,10 @@ def saf(
 
   * Under ``jax.jit`` with a sharded batch (GSPMD) nothing is needed: the
     logits and indices are global arrays. The bank may be sharded along its
-    example axis (``PartitionSpec(None, 'data', None)``) to split its memory.
+    example axis (``PartitionSpec(None, 'data', None)``) to split its memory
+    (the experiments' trainer does: ``config.shard_state``,
+    ``experiments/placement.py``); that axis must then be divisible by the
+    device count (pad ``num_examples`` up: the extra rows are never indexed).
   * Under ``jax.pmap`` / ``shard_map`` pass ``axis_name``: ``update``
     all-gathers ``(example_index, logits, example_mask)`` of every device and
     writes them all, so every device holds the same, complete bank, and

@@ -93,6 +93,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.data_parallel = True
   config.perturbation = "device"
   config.batch_splits = 0
+  # What of the training state is split over the ('data',) mesh instead of
+  # replicated (experiments/placement.py): 'auto' = SAF's logit bank along its
+  # example axis (padded to a multiple of the device count), when data
+  # parallel on > 1 device; 'none' = everything replicated; 'fsdp' = the bank,
+  # and the parameters and optimizer state (MESA's EMA too) along their
+  # largest divisible axis.
+  config.shard_state = "auto"
 
   # Checkpoints and evaluation.
   config.checkpoint_every_steps = 0  # 0: at the end only

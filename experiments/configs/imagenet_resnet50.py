@@ -18,8 +18,11 @@ checkpoints go to ``--workdir`` (a path every host sees, e.g. ``gs://...``).
 Needs ``imagenet2012`` prepared in TFDS (manual download; ``--config.data_dir``).
 
 SAF's logit bank is ``(Ẽ + 1) × 1,281,167 × 1000`` entries (15 GB in float32,
-7.7 GB in bfloat16) and is replicated on every device by this trainer; run
-SAF at this scale only with a sharded bank (see ``sam_optax.saf``).
+7.7 GB in bfloat16); the trainer splits it along its example axis over the
+devices (``shard_state = 'auto'``, the default: padded to 1,281,168 rows on 8
+or 16 devices, 15 GB / devices each; ``experiments/placement.py``), so SAF runs
+at this scale on a pod slice. ``--config.shard_state=fsdp`` splits the
+parameters and the optimizer state (MESA's EMA) too.
 """
 
 import ml_collections
