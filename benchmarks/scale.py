@@ -42,6 +42,7 @@ import dataclasses
 import datetime
 import functools
 import importlib
+import inspect
 import json
 import math
 import os
@@ -161,8 +162,10 @@ def compile_step(spec: str, method: str) -> dict[str, Any]:
   abstract_state = jax.eval_shape(parts.initial_state, abstract_vars)
 
   state_shardings = getattr(placement, "state_shardings", None)
-  if callable(state_shardings):
+  if callable(state_shardings):  # the trainer's own layout (SAF's bank split)
     shardings, layout = state_shardings(abstract_state), "Placement.state_shardings"
+    if "shard_state" in config:
+      layout += f" (shard_state={config.shard_state!r})"
   else:
     shardings, layout = jax.tree.map(lambda _: placement.replicated, abstract_state), "replicated"
   state_in = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -180,7 +183,10 @@ def compile_step(spec: str, method: str) -> dict[str, Any]:
   train_step = parts.train_step
   if method in PHASED:  # the full step of the two (the cheap one has one gradient)
     train_step = functools.partial(train_step, ascent_step=True)
-  jitted = parts.jit_step(train_step)
+  # The step returns the state in its input shardings, as the trainer's does.
+  takes_shardings = "state_shardings" in inspect.signature(placement.jit_step).parameters
+  jitted = parts.jit_step(train_step,
+                          **({"state_shardings": shardings} if takes_shardings else {}))
   start = time.perf_counter()
   lowered = jitted.lower(state_in, batch_in, rng_in)
   lower_s = time.perf_counter() - start
@@ -354,8 +360,9 @@ def render(results: Sequence[dict[str, Any]], command: str, seconds: float) -> s
          " whole on every device. "
          if "replicated" in layouts else "")
       + ("`Placement.state_shardings`: the state's shardings from the trainer's placement"
-         " (SAF's bank split along its example axis over `'data'`). "
-         if "Placement.state_shardings" in layouts else ""),
+         " (with `shard_state='auto'`, SAF's bank split along its example axis over"
+         " `'data'`, padded to a multiple of the device count; the rest replicated). "
+         if any(l.startswith("Placement.state_shardings") for l in layouts) else ""),
       "",
       "ViT: `experiments/configs/` has no ViT config (the model zoo has `vit_small`), so"
       " none is compiled; a config file for one is compiled with `--configs NAME`.",
