@@ -23,6 +23,10 @@ Modules:
 * :mod:`benchmarks.report` -- tables, ``RESULTS.md`` and the chart;
 * :mod:`benchmarks.run` -- the command line.
 
+``python -m benchmarks.scale`` (:mod:`benchmarks.scale`) is separate: it compiles
+the trainer's step at the papers' sizes on fake devices, without running it,
+and writes ``benchmarks/SCALE.md``.
+
 This package is not part of the installed library (it needs flax, tqdm and
 matplotlib); importing it does not import jax, so that ``benchmarks.run`` can
 ask for fake CPU devices first.

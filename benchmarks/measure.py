@@ -103,6 +103,45 @@ def hlo_summary(compiled: Any) -> dict[str, int]:
   }
 
 
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+               "collective-permute")
+# ``%name = <result type> <opcode>(``; an async pair is ``<op>-start`` /
+# ``<op>-done``, counted once, at its ``-done`` (whose result is the op's).
+_COLLECTIVE = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<type>.+?)\s+"
+    r"(?P<op>" + "|".join(COLLECTIVES) + r")(?P<phase>-start|-done)?\(", re.MULTILINE)
+_SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+
+
+def shape_bytes(text: str) -> int:
+  """Bytes of every array shape in an HLO result type (a tuple: their sum)."""
+  total = 0
+  for dtype, dims in _SHAPE.findall(text):
+    elements = int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+    total += elements * _BYTES.get(dtype, 4)
+  return total
+
+
+def collectives_of(compiled: Any) -> dict[str, dict[str, int]]:
+  """The collectives of a compiled program, from its optimized HLO text.
+
+  ``{opcode: {"count": n, "bytes": b}}`` for each of :data:`COLLECTIVES`
+  found: ``n`` instructions in the HLO (an async ``-start`` / ``-done`` pair
+  counts once; one inside a loop body counts once, not per iteration) and
+  ``b`` the bytes of their result shapes (all-reduce: the reduced buffers;
+  all-gather: the gathered ones; reduce-scatter: each device's part).
+  """
+  out: dict[str, dict[str, int]] = {}
+  text = compiled if isinstance(compiled, str) else compiled.as_text()
+  for match in _COLLECTIVE.finditer(text):
+    if match["phase"] == "-start":
+      continue
+    entry = out.setdefault(match["op"], {"count": 0, "bytes": 0})
+    entry["count"] += 1
+    entry["bytes"] += shape_bytes(match["type"])
+  return out
+
+
 # --------------------------------------------------------------------------
 # Sharding for the device-scaling study.
 # --------------------------------------------------------------------------

@@ -350,15 +350,55 @@ def make_context(config, pipeline, loss_fns: LossFns, batch_stats, *,
       axis_name=axis_name, grad_accum_steps=config.grad_accum_steps)
 
 
-def create_run(config, pipeline, placement: Placement | None = None) -> Run:
-  """Builds the model, the optimizer, the initial state and the jitted steps."""
+@dataclasses.dataclass
+class StepParts:
+  """The pieces of a run's training step, built without any state (:func:`build_step`).
+
+  Attributes:
+    method: the registry row; model: the linen model.
+    tx: the optimizer (``optax.chain(method, [clip], weight decay, base)``).
+    hparams: the method's hyperparameters.
+    train_step: the un-jitted ``train_step(state, batch, rng)`` (of one
+      device's shard when ``axis_name`` is set).
+    jit_step: ``jit_step(train_step)``, the placement's jitted step (a
+      ``shard_map`` per device when ``axis_name`` is set).
+    axis_name: the data axis of a per-device step, else None.
+  """
+
+  method: methods.Method
+  model: Any
+  tx: optax.GradientTransformation
+  hparams: dict[str, Any]
+  train_step: Any
+  jit_step: Any
+  axis_name: str | None
+
+  def initial_state(self, variables_) -> TrainState:
+    """The step-0 :class:`TrainState` from the model's ``init`` variables.
+
+    Pure, so ``jax.eval_shape`` gives the state's shapes without allocating
+    it (:mod:`benchmarks.scale` compiles the step on such abstract states).
+    """
+    state = TrainState.create(apply_fn=self.model.apply, params=variables_["params"],
+                              tx=self.tx, batch_stats=variables_.get("batch_stats", {}))
+    return state.replace(step=jnp.asarray(0, jnp.int32))
+
+
+def init_variables(model, input_shape, rng):
+  """``model.init`` on one zero example of ``input_shape`` (evaluation mode)."""
+  return model.init(rng, jnp.zeros((1,) + tuple(input_shape), jnp.float32), train=False)
+
+
+def build_step(config, pipeline, placement: Placement, model, batch_stats) -> StepParts:
+  """The optimizer and the training step of a run, with no state built.
+
+  ``pipeline``: anything with the fields read here (``num_classes`` for the
+  model, ``steps_per_epoch``, ``num_train_examples``); ``batch_stats``: the
+  model's initial BatchNorm statistics (MESA averages them; any values of the
+  right shapes when the state is only traced). :func:`create_run` trains
+  with it; :mod:`benchmarks.scale` compiles it on abstract states.
+  """
   method = methods.get_method(config.method)
-  placement = placement or Placement(config, pipeline)
-  model = make_model(config, pipeline)
-  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  initial = jax.jit(functools.partial(model.init, train=False))(
-      init_rng, jnp.zeros((1,) + tuple(pipeline.input_shape), jnp.float32))
-  batch_stats = initial.get("batch_stats", {})
   loss_fns = make_loss_fns(model, config.label_smoothing)
   # Per device (shard_map): each device perturbs with its own gradient, no extra
   # pass; else, under jit, batch_splits groups recompute their own gradients.
@@ -368,23 +408,29 @@ def create_run(config, pipeline, placement: Placement | None = None) -> Run:
                          axis_name=axis_name,
                          num_examples=placement.bank_examples(pipeline.num_train_examples))
   tx, hparams = make_optimizer(config, method, context)
+  train_step = make_train_step(loss_fns, method, make_predict(model), axis_name,
+                               config.grad_accum_steps)
+  jit_step = functools.partial(placement.jit_step, per_device=axis_name is not None)
+  return StepParts(method=method, model=model, tx=tx, hparams=hparams,
+                   train_step=train_step, jit_step=jit_step, axis_name=axis_name)
 
-  def init_state(params, batch_stats):
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                              batch_stats=batch_stats)
-    return state.replace(step=jnp.asarray(0, jnp.int32))
 
+def create_run(config, pipeline, placement: Placement | None = None) -> Run:
+  """Builds the model, the optimizer, the initial state and the jitted steps."""
+  placement = placement or Placement(config, pipeline)
+  model = make_model(config, pipeline)
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  initial = jax.jit(functools.partial(init_variables, model, pipeline.input_shape))(init_rng)
+  parts = build_step(config, pipeline, placement, model, initial.get("batch_stats", {}))
   # Created in its shardings (config.shard_state), a fresh buffer for every
   # leaf: a transform's init may alias the params (e.g. an EMA started as a
   # copy of them), and the step donates the state.
-  state = placement.init_state(init_state, initial["params"], batch_stats)
-  train_step = make_train_step(loss_fns, method, make_predict(model), axis_name,
-                               config.grad_accum_steps)
-  jit_step = functools.partial(placement.jit_step, per_device=axis_name is not None,
-                               state_shardings=placement.state_shardings(state))
+  state = placement.init_state(parts.initial_state, initial)
+  train_step = parts.train_step
+  jit_step = functools.partial(parts.jit_step, state_shardings=placement.state_shardings(state))
   phase = phase_form(config, state.opt_state)
   return Run(
-      method=method, model=model, state=state, hparams=hparams,
+      method=parts.method, model=model, state=state, hparams=parts.hparams,
       train_step=(PhasedStep(train_step, jit_step) if phase == "static"
                   else jit_step(train_step)), phase=phase,
       predict=placement.wrap_predict(jax.jit(make_predict(model))),
