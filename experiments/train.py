@@ -188,10 +188,10 @@ def phase_form(config, opt_state) -> str | None:
 
   ``config.phase``: ``'auto'`` is static on the CPU backend for a model with
   convolutions (XLA:CPU runs a convolution gradient inside a conditional
-  several times slower: ResNet-18, interval SAM k = 5, 3.0× SGD's step time
-  with ``lax.cond``, 1.2× static) and ``lax.cond`` otherwise (the MLP's steps
+  several times slower: ResNet-18, interval SAM k = 5, 2.8× SGD's step time
+  with ``lax.cond``, 1.1× static) and ``lax.cond`` otherwise (the MLP's steps
   take under a millisecond, less than the host read of the phase that the
-  static form adds: 1.15× with ``lax.cond``, 2.7× static;
+  static form adds: 1.2× with ``lax.cond``, 2.3× static;
   ``benchmarks/RESULTS.md``); ``'static'`` / ``'cond'`` force one.
   """
   if sam_optax.takes_ascent_step(opt_state) is None:
