@@ -248,13 +248,7 @@ def scaled_sum(tree_a: Any, scale: float | jax.Array, tree_b: Any, like: Any = N
 
   ``like`` defaults to ``tree_a``.
   """
-  like = tree_a if like is None else like
-  return jax.tree.map(
-      lambda a, b, ref: (
-          jnp.asarray(a, jnp.float32) + scale * jnp.asarray(b, jnp.float32)
-      ).astype(ref.dtype),
-      tree_a, tree_b, like,
-  )
+  return linear_combination(1.0, tree_a, scale, tree_b, like=tree_a if like is None else like)
 
 
 def linear_combination(scale_a: float | jax.Array, tree_a: Any, scale_b: float | jax.Array,

@@ -56,9 +56,17 @@ class StochasticState(NamedTuple):
   ascent_next: jax.Array
 
 
-def _choose(take: jax.Array, inner, updates, inner_state, params, extra_args,
-            axis_name: str | None):
-  """``inner.update`` if ``take``, else the (averaged) plain gradient."""
+def _choose(method: str, predicate: jax.Array, inner, updates, inner_state, params,
+            extra_args, axis_name: str | None):
+  """``inner.update`` on the steps the phase takes, else the (averaged) plain gradient.
+
+  The phase is ``predicate`` or the static ``ascent_step`` of ``extra_args``
+  (checked against it, :func:`~sam_optax._ascent.chosen_phase`). A masked
+  part of the parameters is refused at once, not on the first step that runs
+  the inner update (eagerly a skipped step does not call it).
+  """
+  _ascent.check_not_masked(method, updates, params, wrapper=True)
+  take = _ascent.chosen_phase(method, extra_args.pop(_ascent.ASCENT_STEP, None), predicate)
 
   def ascent():
     surrogate, new_state = inner.update(updates, inner_state, params, **extra_args)
@@ -143,13 +151,8 @@ def every_k(
                          ascent_next=jnp.asarray(True))
 
   def update(updates, state, params=None, **extra_args):
-    # At once, not on the first step that runs the inner update (eagerly a
-    # skipped step does not call it).
-    _ascent.check_not_masked(method, updates, params, wrapper=True)
-    take = _ascent.chosen_phase(method, extra_args.pop(_ascent.ASCENT_STEP, None),
-                                state.count % k == 0)
-    new_updates, inner_state = _choose(
-        take, inner, updates, state.inner, params, extra_args, axis_name)
+    new_updates, inner_state = _choose(method, state.count % k == 0, inner, updates,
+                                       state.inner, params, extra_args, axis_name)
     count = optax.safe_increment(state.count)
     return new_updates, IntervalState(count=count, inner=inner_state,
                                       ascent_next=count % k == 0)
@@ -225,11 +228,8 @@ def with_probability(
                            ascent_next=draw(key, count))
 
   def update(updates, state, params=None, **extra_args):
-    _ascent.check_not_masked(method, updates, params, wrapper=True)
-    take = _ascent.chosen_phase(method, extra_args.pop(_ascent.ASCENT_STEP, None),
-                                draw(state.key, state.count))
-    new_updates, inner_state = _choose(
-        take, inner, updates, state.inner, params, extra_args, axis_name)
+    new_updates, inner_state = _choose(method, draw(state.key, state.count), inner, updates,
+                                       state.inner, params, extra_args, axis_name)
     count = optax.safe_increment(state.count)
     return new_updates, StochasticState(count=count, key=state.key, inner=inner_state,
                                         ascent_next=draw(state.key, count))
