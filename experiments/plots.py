@@ -1,4 +1,4 @@
-"""Figures of the comparison: learning curves and reliability diagrams.
+"""Figures of the comparison: learning curves, reliability diagrams, Hessian spectra.
 
 Every function draws on a fresh :class:`matplotlib.figure.Figure` rendered by
 the Agg canvas (no display and no global ``pyplot`` state or backend switch,
@@ -21,7 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-__all__ = ["plot_learning_curves", "plot_reliability_diagrams", "save_figure"]
+__all__ = ["plot_learning_curves", "plot_reliability_diagrams", "plot_spectral_density",
+           "save_figure"]
 
 # The keys of a history in the order the panels are drawn; others follow in
 # the order they are first seen.
@@ -248,4 +249,101 @@ def plot_reliability_diagrams(
       ax.legend(loc="upper left", fontsize="small")
   for ax in axes[len(checked):]:
     ax.set_visible(False)
+  return save_figure(figure, path)
+
+
+def _density_curve(where: str, density: Any) -> tuple[np.ndarray, np.ndarray]:
+  """``(grid, density)`` of a ``SpectralDensity`` (or a dict with those keys), checked."""
+  if isinstance(density, Mapping):
+    missing = [k for k in ("grid", "density") if k not in density]
+    grid, values = (None, None) if missing else (density["grid"], density["density"])
+  else:
+    missing = [k for k in ("grid", "density") if not hasattr(density, k)]
+    grid, values = (None, None) if missing else (density.grid, density.density)
+  if missing:
+    raise ValueError(
+        f"{where} lacks {missing}; pass the output of"
+        f" sam_optax.sharpness.hessian_spectral_density, got {type(density).__name__}.")
+  grid = _series(f"{where}.grid", grid)
+  values = _series(f"{where}.density", values)
+  if len(grid) != len(values) or len(grid) < 2:
+    raise ValueError(f"{where}: grid and density must have one equal length >= 2, got"
+                     f" {len(grid)} and {len(values)}.")
+  if not np.all(np.isfinite(values)) or np.any(values < 0):
+    raise ValueError(f"{where}.density must be finite and >= 0, got values in"
+                     f" [{np.nanmin(values)}, {np.nanmax(values)}].")
+  return grid, values
+
+
+def plot_spectral_density(
+    density: Any,
+    path: str | os.PathLike[str],
+    *,
+    floor: float = 1e-6,
+    title: str | None = None,
+) -> str:
+  """The Hessian's eigenvalue density on a log scale, as in Ghorbani et al. (2019).
+
+  One curve per model: the smoothed density ``φ(t)`` of
+  :func:`sam_optax.sharpness.hessian_spectral_density` (stochastic Lanczos
+  quadrature) against the eigenvalue ``t``, the y axis logarithmic so that
+  the few outlying large eigenvalues stay visible next to the bulk near 0.
+  Values below ``floor`` are drawn at ``floor`` (the density of a Gaussian
+  mixture is never exactly 0, but far from every node it underflows).
+
+  Args:
+    density: a ``SpectralDensity`` (anything with ``grid`` and ``density``
+      arrays of one length, or a dict with those keys), or ``{label:
+      density}`` to overlay several models (e.g. SGD and SAM).
+    path: the output file (``.png``).
+    floor: the bottom of the y axis, > 0.
+    title: the panel's title (default: "Hessian eigenvalue density").
+
+  Returns:
+    ``path``, as a string.
+
+  Raises:
+    ValueError: if nothing is given, a density lacks ``grid`` or
+      ``density``, their lengths differ, or a density is negative or not
+      finite.
+
+  References:
+    Ghorbani, Krishnan and Xiao, `An Investigation into Neural Net
+    Optimization via Hessian Eigenvalue Density
+    <https://arxiv.org/abs/1901.10159>`_, ICML 2019.
+
+  Example:
+    >>> import tempfile, os
+    >>> import numpy as np
+    >>> from experiments import plots
+    >>> grid = np.linspace(-1.0, 5.0, 200)
+    >>> bump = lambda c, s: np.exp(-0.5 * ((grid - c) / s) ** 2) / (s * np.sqrt(2 * np.pi))
+    >>> density = {"grid": grid, "density": 0.99 * bump(0.0, 0.05) + 0.01 * bump(4.0, 0.1)}
+    >>> out = os.path.join(tempfile.mkdtemp(), "spectrum.png")
+    >>> plots.plot_spectral_density({"sgd": density}, out) == out
+    True
+  """
+  name = "plot_spectral_density"
+  if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor > 0):
+    raise ValueError(f"{name}: floor must be a finite float > 0, got floor={floor!r}.")
+  if isinstance(density, Mapping) and not {"grid", "density"} <= set(density):
+    if not density:
+      raise ValueError(f"{name}: density is empty; pass a SpectralDensity or {{label: it}}.")
+    curves = {str(label): _density_curve(f"{name}: density[{label!r}]", d)
+              for label, d in density.items()}
+  else:
+    curves = {"": _density_curve(f"{name}: density", density)}
+
+  figure = Figure(figsize=(6.4, 4.0), layout="constrained")
+  ax = figure.add_subplot()
+  for (label, (grid, values)), color in zip(curves.items(), _colors(len(curves))):
+    ax.semilogy(grid, np.maximum(values, floor), color=color, linewidth=1.5,
+                label=label or None)
+  ax.set_ylim(bottom=floor)
+  ax.set_xlabel("Eigenvalue")
+  ax.set_ylabel("Density (log scale)")
+  ax.set_title(title or "Hessian eigenvalue density")
+  ax.grid(True, alpha=0.3)
+  if any(curves):
+    ax.legend(loc="upper right")
   return save_figure(figure, path)

@@ -126,3 +126,64 @@ def test_malformed_values_raise(tmp_path):
     del d["bin_count"]
     plots.plot_reliability_diagrams({"sgd": d}, tmp_path / "b.png")
   assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------
+# Hessian spectral density.
+# --------------------------------------------------------------------------
+
+
+def spectral_density(center=4.0):
+  """A bulk at 0 and one outlier at ``center``, as SpectralDensity's fields."""
+  grid = np.linspace(-1.0, 6.0, 300)
+  bump = lambda c, s: np.exp(-0.5 * ((grid - c) / s) ** 2) / (s * np.sqrt(2 * np.pi))
+  return {"grid": grid, "density": 0.99 * bump(0.0, 0.05) + 0.01 * bump(center, 0.1)}
+
+
+def test_spectral_density_png_one_and_several(tmp_path):
+  one = plots.plot_spectral_density(spectral_density(), tmp_path / "one.png")
+  assert_png(one)
+  several = {"sgd": spectral_density(5.0), "sam": spectral_density(2.0)}
+  assert_png(plots.plot_spectral_density(several, tmp_path / "two.png", title="MLP"))
+
+
+def test_spectral_density_reads_a_named_tuple(tmp_path):
+  import collections  # pylint: disable=import-outside-toplevel
+  Density = collections.namedtuple("Density", "grid density nodes weights")
+  d = spectral_density()
+  path = plots.plot_spectral_density(Density(d["grid"], d["density"], None, None),
+                                     tmp_path / "nt.png")
+  assert_png(path)
+
+
+def test_spectral_density_is_drawn_on_a_log_scale_down_to_the_floor(tmp_path, monkeypatch):
+  axes = []
+  monkeypatch.setattr(plots, "save_figure",
+                      lambda figure, path, **kw: axes.extend(figure.axes) or str(path))
+  d = spectral_density()
+  d["density"][:10] = 0.0                      # underflowed tails are drawn at the floor
+  plots.plot_spectral_density({"sgd": d}, tmp_path / "x.png", floor=1e-4)
+  (ax,) = axes
+  assert ax.get_yscale() == "log"
+  assert ax.get_ylim()[0] == pytest.approx(1e-4)
+  (line,) = ax.get_lines()
+  np.testing.assert_allclose(line.get_xdata(), d["grid"])
+  np.testing.assert_allclose(line.get_ydata(), np.maximum(d["density"], 1e-4))
+  assert [t.get_text() for t in ax.get_legend().get_texts()] == ["sgd"]
+
+
+def test_spectral_density_bad_input(tmp_path):
+  with pytest.raises(ValueError, match="density is empty"):
+    plots.plot_spectral_density({}, tmp_path / "a.png")
+  with pytest.raises(ValueError, match=r"density\['sgd'\] lacks \['grid'\]"):
+    plots.plot_spectral_density({"sgd": {"density": [1.0, 2.0]}}, tmp_path / "a.png")
+  d = spectral_density()
+  with pytest.raises(ValueError, match="equal length"):
+    plots.plot_spectral_density({"grid": d["grid"][:-1], "density": d["density"]},
+                                tmp_path / "a.png")
+  with pytest.raises(ValueError, match=">= 0"):
+    plots.plot_spectral_density({"grid": d["grid"], "density": -d["density"]},
+                                tmp_path / "a.png")
+  with pytest.raises(ValueError, match="floor"):
+    plots.plot_spectral_density(d, tmp_path / "a.png", floor=0.0)
+  assert not list(tmp_path.iterdir())
