@@ -132,7 +132,7 @@ def describe(config, rows, wall_time: float, machine: Mapping[str, Any]) -> str:
       "Test metrics on the clean test split; ECE with 15 equal-width bins, adaptive ECE with"
       " 15 equal-mass bins. λ_max: top eigenvalue of the Hessian of the training loss"
       f" (noisy labels, {config.hessian_examples} training examples, evaluation mode) by"
-      f" {config.hessian_iters} power iterations. Train acc.: accuracy on the labels the"
+      f" Lanczos, {config.hessian_iters} iterations (`sam_optax.sharpness`). Train acc.: accuracy on the labels the"
       " model was trained on (flipped ones included) of the same examples -- how much of"
       " the noise it memorized. Gradients / step: the cost in gradient evaluations; step"
       " times against SGD, measured with the methods interleaved, are in"

@@ -1,8 +1,8 @@
 """Evaluation of a run: the test metrics per epoch and the final report.
 
 What the papers report: top-1 accuracy, NLL, ECE (15 bins), adaptive ECE, the
-reliability diagram, the top Hessian eigenvalue of the training loss, and the
-time per step. With several processes each evaluates its own share of the
+reliability diagram, the top Hessian eigenvalue of the training loss (and, for
+the study, its trace), and the time per step. With several processes each evaluates its own share of the
 split and the rows are gathered (:func:`experiments.distributed.gather_rows`).
 """
 
@@ -80,11 +80,12 @@ def evaluated_weights(method, state):
   return method.step.eval_weights(state.opt_state, state.params, state.batch_stats)
 
 
-def hessian_eigenvalue(model, weights, sample, num_iters: int, seed: int) -> float:
-  """Top eigenvalue of the Hessian of the mean training loss on ``sample``.
+def sample_loss(model, weights, sample):
+  """``(loss_fn, params)``: the mean training loss on ``sample`` as ``loss_fn(params)``.
 
   The loss is the cross-entropy on the training labels (noisy ones included),
-  with the model in evaluation mode (running BatchNorm statistics).
+  with the model in evaluation mode (running BatchNorm statistics): the loss
+  whose curvature :func:`hessian_eigenvalue` and :func:`hessian_trace` measure.
   """
   x, y = jnp.asarray(sample["x"]), jnp.asarray(sample["y"])
   params, batch_stats = weights
@@ -93,8 +94,21 @@ def hessian_eigenvalue(model, weights, sample, num_iters: int, seed: int) -> flo
     logits = model.apply(variables(params, batch_stats), x, train=False)
     return per_example_cross_entropy(logits, y).mean()
 
+  return loss_fn, params
+
+
+def hessian_eigenvalue(model, weights, sample, num_iters: int, seed: int) -> float:
+  """Top eigenvalue of the Hessian of the mean training loss on ``sample`` (Lanczos)."""
+  loss_fn, params = sample_loss(model, weights, sample)
   return metrics.top_hessian_eigenvalue(loss_fn, params, num_iters=num_iters,
                                         key=jax.random.key(seed))
+
+
+def hessian_trace(model, weights, sample, num_samples: int, seed: int) -> tuple[float, float]:
+  """``(trace, standard error)`` of that Hessian, by Hutchinson's estimator."""
+  loss_fn, params = sample_loss(model, weights, sample)
+  return metrics.hessian_trace(loss_fn, params, num_samples=num_samples,
+                               key=jax.random.key(seed))
 
 
 def evaluate_now(config, epoch: int) -> bool:

@@ -17,22 +17,20 @@ Per-example quantities (``softmax``, ``log_softmax``, the argmax) are computed w
 float32; sums over the set are accumulated in float64 with NumPy.
 
 Sharpness metrics take a loss and the parameters (any pytree of float
-arrays):
+arrays), call the public :mod:`sam_optax.sharpness` (the optional extra
+``sam_optax[sharpness]``) and return Python floats:
 
-* :func:`top_hessian_eigenvalue` -- the dominant eigenvalue of ``∇²L(w)`` by
-  power iteration with Hessian-vector products;
+* :func:`top_hessian_eigenvalue` -- the largest eigenvalue of ``∇²L(w)`` by
+  Lanczos with Hessian-vector products;
+* :func:`hessian_trace` -- ``tr ∇²L(w)`` by Hutchinson's estimator, with its
+  standard error;
 * :func:`m_sharpness` -- the m-sharpness of Foret et al. (2021) at radius ρ,
-  with the one-step (SAM) approximation of the inner maximum.
-
-They reuse the float32 tree arithmetic and ascent point of
-:mod:`sam_optax._ascent`, so the perturbation measured here is exactly the one
-the library's ``sam`` takes.
+  with the one-step (SAM) approximation of the inner maximum, perturbed by the
+  same code as ``sam_optax.sam``.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -40,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_optax import _ascent
+from sam_optax import sharpness
 
 __all__ = [
     "accuracy",
@@ -49,6 +47,7 @@ __all__ = [
     "adaptive_calibration_error",
     "reliability_diagram",
     "top_hessian_eigenvalue",
+    "hessian_trace",
     "m_sharpness",
 ]
 
@@ -306,28 +305,8 @@ def adaptive_calibration_error(logits: Any, labels: Any, num_bins: int = 15) -> 
 # --------------------------------------------------------------------------
 
 
-def _check_float_params(name: str, params: Any) -> None:
-  leaves = jax.tree.leaves(params)
-  if not leaves:
-    raise ValueError(f"{name}: params has no arrays (got {params!r}).")
-  for leaf in leaves:
-    if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-      raise TypeError(
-          f"{name}: every leaf of params must be a float array, got dtype"
-          f" {jnp.asarray(leaf).dtype}; pass only the trainable parameters."
-      )
-
-
-def _power_step(loss_fn: Callable[[Any], jax.Array], params: Any, vector: Any):
-  """One power-iteration step: ``u = v/‖v‖``, ``(uᵀHu / uᵀu, Hu)``."""
-  value = _ascent.scalar_loss("top_hessian_eigenvalue", lambda p: loss_fn(p), has_aux=False)
-  norm = _ascent.global_norm(vector)
-  inverse = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
-  unit = jax.tree.map(lambda v: (v.astype(jnp.float32) * inverse).astype(v.dtype), vector)
-  _, product = jax.jvp(jax.grad(value), (params,), (unit,))  # forward-over-reverse
-  squared = _ascent.vdot(unit, unit)
-  rayleigh = jnp.where(squared > 0, _ascent.vdot(unit, product) / squared, 0.0)
-  return rayleigh, product
+def _num_params(params: Any) -> int:
+  return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
 
 
 def top_hessian_eigenvalue(
@@ -335,25 +314,24 @@ def top_hessian_eigenvalue(
     params: Any,
     num_iters: int = 20,
     key: jax.Array | None = None,
-    tol: float = 1e-4,
 ) -> float:
-  r"""The dominant eigenvalue ``λ_max`` of the Hessian ``∇²L(w)``, by power iteration.
+  r"""The largest eigenvalue ``λ_max`` of the Hessian ``∇²L(w)``, by Lanczos.
 
-  Starting from a Gaussian vector ``v_0`` (a pytree shaped like ``params``),
-
-  .. math::
-
-    u_k = v_k / ‖v_k‖, \qquad v_{k+1} = H u_k, \qquad λ_k = u_kᵀ H u_k,
-
-  with the Hessian-vector product ``Hu = jvp(∇L, (w,), (u,))``
+  :func:`sam_optax.sharpness.top_hessian_eigenvalues` with ``k = 1``:
+  ``num_iters`` steps of Lanczos with full reorthogonalization from a random
+  unit vector, each one Hessian-vector product ``Hv = jvp(∇L, (w,), (v,))``
   (forward-over-reverse: about two gradients' cost, the Hessian never
-  formed; the step is jitted once per call and reused by every iteration). Norms and
-  inner products are accumulated in float32 (``sam_optax._ascent``).
-  Iteration stops after ``num_iters`` steps or once
-  ``|λ_k − λ_{k−1}| ≤ tol · |λ_k|``. Power iteration converges to the
-  eigenvalue of largest *magnitude*; the returned Rayleigh quotient keeps its
-  sign (negative if a negative-curvature direction dominates). Convergence is
-  geometric in ``|λ_2 / λ_1|``: with a small eigengap, raise ``num_iters``.
+  formed), then the largest eigenvalue of the ``num_iters × num_iters``
+  tridiagonal matrix (a Ritz value, which approaches ``λ_max`` from below).
+  The whole measurement is jitted once per call. With fewer parameters than
+  ``num_iters``, as many iterations as parameters (then Lanczos is exact).
+
+  ``λ_max`` is the largest eigenvalue, not the one of largest magnitude: at a
+  point with a dominant negative curvature it is still the largest
+  (algebraic) one. The power iteration this function used before returned
+  the eigenvalue of largest magnitude; for the positive-dominant Hessians of
+  trained networks the two agree, and Lanczos reaches power iteration's
+  accuracy in fewer products (``benchmarks/SHARPNESS.md``).
 
   This is the sharpness measure reported by the SAM papers (e.g. Foret et
   al., 2021; Kwon et al., 2021; Zhuang et al., 2022).
@@ -363,62 +341,79 @@ def top_hessian_eigenvalue(
       beforehand, e.g. with ``functools.partial``; arrays it closes over are
       compiled in as constants).
     params: a pytree of float arrays, the point ``w``.
-    num_iters: the maximum number of Hessian-vector products, ≥ 1.
-    key: a ``jax.random`` key for ``v_0``; ``jax.random.key(0)`` if None.
-    tol: the relative change of ``λ`` at which to stop early (0: never).
+    num_iters: the number of Lanczos iterations (Hessian-vector products), ≥ 1.
+    key: a ``jax.random`` key for the starting vector; ``jax.random.key(0)`` if None.
 
   Returns:
-    ``λ``, the Rayleigh quotient of the last iterate, as a float.
+    ``λ_max``, as a float.
 
   References:
     Foret, Kleiner, Mobahi and Neyshabur, `Sharpness-Aware Minimization for
     Efficiently Improving Generalization <https://arxiv.org/abs/2010.01412>`_,
-    ICLR 2021. Yao et al., `PyHessian <https://arxiv.org/abs/1912.07145>`_,
-    2020.
+    ICLR 2021. Ghorbani, Krishnan and Xiao, `An Investigation into Neural Net
+    Optimization via Hessian Eigenvalue Density
+    <https://arxiv.org/abs/1901.10159>`_, ICML 2019.
 
   Example:
     >>> import jax.numpy as jnp
     >>> from experiments import metrics
     >>> loss_fn = lambda p: 2.0 * p["a"][0] ** 2 + 0.5 * p["a"][1] ** 2 + p["b"] ** 2
     >>> params = {"a": jnp.ones(2), "b": jnp.float32(1.0)}
-    >>> round(metrics.top_hessian_eigenvalue(loss_fn, params, num_iters=50), 3)
+    >>> round(metrics.top_hessian_eigenvalue(loss_fn, params), 3)
     4.0
   """
-  name = "top_hessian_eigenvalue"
-  _ascent.check_callable("loss_fn", loss_fn, name, required=True)
   if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
-    raise ValueError(f"{name}: num_iters must be an integer >= 1, got num_iters={num_iters!r}.")
-  if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-    raise ValueError(f"{name}: tol must be a finite float >= 0, got tol={tol!r}.")
-  _check_float_params(name, params)
+    raise ValueError(f"top_hessian_eigenvalue: num_iters must be an integer >= 1, got"
+                     f" num_iters={num_iters!r}.")
   key = jax.random.key(0) if key is None else key
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  vector = jax.tree.unflatten(treedef, [
-      jax.random.normal(k, jnp.shape(leaf), jnp.float32).astype(jnp.asarray(leaf).dtype)
-      for k, leaf in zip(keys, leaves)
-  ])
-  # Jitted once per call: a fresh loss_fn (closing over a new batch) each
-  # evaluation does not pile up compiled steps in a module-level cache.
-  step = jax.jit(functools.partial(_power_step, loss_fn))
-  previous = None
-  for _ in range(num_iters):
-    eigenvalue, vector = step(params, vector)
-    eigenvalue = float(eigenvalue)
-    if previous is not None and abs(eigenvalue - previous) <= tol * abs(eigenvalue):
-      break
-    previous = eigenvalue
-  return eigenvalue
+  num_iters = min(num_iters, max(1, _num_params(params)))
+  measure = jax.jit(lambda params, key: sharpness.top_hessian_eigenvalues(
+      loss_fn, params, k=1, num_iters=num_iters, key=key).eigenvalues[0])
+  return float(measure(params, key))
 
 
-def _sharpness_of_batch(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any,
-                        rho: jax.Array) -> jax.Array:
-  """``L_B(w + ρ g/(‖g‖+δ)) − L_B(w)`` with ``g = ∇L_B(w)``."""
-  value = _ascent.scalar_loss("m_sharpness", lambda p, batch: loss_fn(p, batch), has_aux=False)
-  loss, grads = jax.value_and_grad(value)(params, batch=batch)
-  direction = _ascent.normalized(grads, _ascent.DEFAULT_EPS)
-  perturbed = _ascent.ascent_point(params, direction, rho)
-  return value(perturbed, batch=batch) - loss
+def hessian_trace(
+    loss_fn: Callable[[Any], jax.Array],
+    params: Any,
+    num_samples: int = 100,
+    key: jax.Array | None = None,
+) -> tuple[float, float]:
+  r"""The trace ``tr ∇²L(w)`` and its standard error, by Hutchinson's estimator.
+
+  :func:`sam_optax.sharpness.hessian_trace`: the mean of ``vᵀHv`` over
+  ``num_samples`` Rademacher vectors ``v`` (entries ±1), each one
+  Hessian-vector product, jitted once per call. The standard error is the
+  sample standard deviation of the ``vᵀHv`` over ``√num_samples``.
+
+  Args:
+    loss_fn: ``loss_fn(params) -> scalar`` (the batch bound beforehand).
+    params: a pytree of float arrays, the point ``w``.
+    num_samples: the number of probe vectors, ≥ 2 (for a standard error).
+    key: a ``jax.random`` key for the probes; ``jax.random.key(0)`` if None.
+
+  Returns:
+    ``(trace, standard error)``, as floats.
+
+  References:
+    Hutchinson, A stochastic estimator of the trace of the influence matrix
+    for Laplacian smoothing splines, 1989. Yao et al., `PyHessian
+    <https://arxiv.org/abs/1912.07145>`_, 2020.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from experiments import metrics
+    >>> loss_fn = lambda w: 2.0 * w[0] ** 2 + 0.5 * w[1] ** 2     # H = diag(4, 1)
+    >>> trace, stderr = metrics.hessian_trace(loss_fn, jnp.ones(2), num_samples=10)
+    >>> round(trace, 3), round(stderr, 3)      # vᵀHv = 4 + 1 for every v = (±1, ±1)
+    (5.0, 0.0)
+  """
+  key = jax.random.key(0) if key is None else key
+  def measure(params, key):
+    estimate = sharpness.hessian_trace(loss_fn, params, key=key, num_samples=num_samples)
+    return estimate.trace, estimate.stderr
+
+  trace, stderr = jax.jit(measure)(params, key)
+  return float(trace), float(stderr)
 
 
 def m_sharpness(
@@ -426,6 +421,8 @@ def m_sharpness(
     params: Any,
     batches: Iterable[Any],
     rho: float,
+    *,
+    method: str = "sam",
 ) -> float:
   r"""m-sharpness at radius ρ, with the one-step (SAM) inner maximization.
 
@@ -438,20 +435,24 @@ def m_sharpness(
 
   The inner maximum is approximated as SAM does, by one normalized gradient
   ascent step ``ε̂ = ρ · g_B / (‖g_B‖ + δ)`` with ``g_B = ∇L_B(w)`` (the
-  first-order solution; δ = 1e-12). Since ``‖ε̂‖ ≤ ρ`` is feasible, each term
-  is a lower bound on the exact maximum, and exact for a loss linear in the
-  ball. ``ε̂`` is computed by ``sam_optax._ascent`` (float32 norm, the ascent
-  point in the parameters' dtypes), i.e. exactly the perturbation of
-  ``sam_optax.sam``.
+  first-order solution; δ = 1e-12), or ASAM's adaptive step with
+  ``method="asam"``. This is :func:`sam_optax.sharpness.m_sharpness` with
+  each batch of ``batches`` one group: ``ε̂`` is computed by the optimizers'
+  own code (float32 norm, the ascent point in the parameters' dtypes), i.e.
+  exactly the perturbation of ``sam_optax.sam``. Each term is a lower bound
+  on the exact maximum, and exact for a loss linear in the ball; at small ρ
+  it is ``≈ ρ‖g_B‖``, the gradient norm more than the curvature.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss ``L_B`` over
       the examples of ``batch`` (positional arguments; model state such as
       BatchNorm statistics bound beforehand, evaluation mode).
     params: a pytree of float arrays, the point ``w``.
-    batches: an iterable of batches, each of ``m`` examples (any pytree that
-      ``loss_fn`` takes); batches of one shape share one compilation.
+    batches: an iterable of batches, each of the same ``m`` examples (any
+      pytree whose leaves have the examples on their leading axis); they are
+      stacked and scanned over in one compiled program.
     rho: the radius ρ ≥ 0.
+    method: ``"sam"`` or ``"asam"`` (ASAM's ascent, η = 0.01).
 
   Returns:
     The mean over the batches of ``L_B(w + ε̂) − L_B(w)``, as a float.
@@ -473,15 +474,18 @@ def m_sharpness(
     >>> round(metrics.m_sharpness(loss_fn, w, batches, rho=0.1), 4)  # (1.1² − 1 + 0) / 2
     0.105
   """
-  name = "m_sharpness"
-  _ascent.check_callable("loss_fn", loss_fn, name, required=True)
-  if isinstance(rho, bool) or not isinstance(rho, (int, float, np.floating)) or not (
-      math.isfinite(rho) and rho >= 0):
-    raise ValueError(f"{name}: rho must be a finite float >= 0, got rho={rho!r}.")
-  _check_float_params(name, params)
-  rho = jnp.float32(rho)
-  sharpness = jax.jit(functools.partial(_sharpness_of_batch, loss_fn))  # once per batch shape
-  values = [float(sharpness(params, batch, rho)) for batch in batches]
-  if not values:
-    raise ValueError(f"{name}: batches is empty; pass at least one batch of m examples.")
-  return float(np.mean(values))
+  groups = [{"batch": batch} for batch in batches]
+  if not groups:
+    raise ValueError("m_sharpness: batches is empty; pass at least one batch of m examples.")
+  sizes = sorted({int(np.shape(leaf)[0]) if np.ndim(leaf) else 0
+                  for group in groups for leaf in jax.tree.leaves(group)})
+  if len(sizes) != 1 or sizes[0] < 1:
+    raise ValueError(
+        "m_sharpness: every batch must hold the same number m >= 1 of examples on the"
+        f" leading axis of every leaf (one group each), got leading sizes {sizes}.")
+
+  def group_loss(params, batch):
+    return loss_fn(params, batch)
+
+  return float(sharpness.m_sharpness(group_loss, params, groups, rho=rho, m=sizes[0],
+                                     method=method))

@@ -181,11 +181,25 @@ def sharpness(config, state, pipeline, *, rho: float, m: int) -> float:
   return metrics.m_sharpness(loss_fn, params, batches, rho)
 
 
-def _summary(result, sharp: float) -> dict[str, Any]:
+def hessian_trace(config, state, pipeline, *, num_samples: int) -> tuple[float, float]:
+  """``(trace, standard error)`` of the Hessian of the training loss, evaluated weights.
+
+  The loss, sample and key are λ_max's (:func:`experiments.evaluate.final_report`):
+  the mean cross-entropy on ``config.hessian_examples`` training examples, in
+  evaluation mode; Hutchinson's estimator with ``num_samples`` Rademacher probes.
+  """
+  model = train.make_model(config, pipeline)
+  weights = evaluate.evaluated_weights(methods.get_method(config.method), state)
+  sample = pipeline.train_sample(config.hessian_examples)
+  return evaluate.hessian_trace(model, weights, sample, num_samples, config.seed)
+
+
+def _summary(result, sharp: float, trace: tuple[float, float]) -> dict[str, Any]:
   test = result["test"]
   return {
       "accuracy": test["accuracy"], "ece": test["ece"], "nll": test["nll"],
       "adaptive_ece": test["adaptive_ece"], "hessian": result["hessian_top_eigenvalue"],
+      "hessian_trace": trace[0], "hessian_trace_stderr": trace[1],
       "m_sharpness": sharp, "train_accuracy": result["train_sample_accuracy"],
       "gradients_per_step": result["gradients_per_step"],
       "forwards_per_step": result["forwards_per_step"], "epochs": result["epochs"],
@@ -222,7 +236,8 @@ def run_arm(study, arm: Arm, seed: int, data_seed: int, workdir: str,
   result = train.train_and_evaluate(config, workdir, progress=False, pipeline=pipeline)
   sharp = sharpness(config, result.state, pipeline, rho=study.m_sharpness_rho,
                     m=study.m_sharpness_m)
-  summary = _summary(result.report, sharp)
+  trace = hessian_trace(config, result.state, pipeline, num_samples=study.trace_samples)
+  summary = _summary(result.report, sharp, trace)
   checkpoints.write_json(done, summary)
   return summary
 
@@ -277,7 +292,9 @@ def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] 
         summary = run_arm(study, arm, seed, study.data_seed, folder, pipelines)
         results.setdefault(arm.name, []).append(summary)
         _log(f"{arm.name} seed {seed}: acc {summary['accuracy']:.4f} ece {summary['ece']:.4f}"
-             f" λ_max {summary['hessian']:.2f} m-sharpness {summary['m_sharpness']:.4f}")
+             f" λ_max {summary['hessian']:.2f}"
+             + (f" tr H {summary['hessian_trace']:.1f}" if "hessian_trace" in summary else "")
+             + f" m-sharpness {summary['m_sharpness']:.4f}")
       else:
         missing += 1
   if missing:

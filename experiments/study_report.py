@@ -308,11 +308,32 @@ def plot_seeds(results: Results, arms: Sequence[str], path: str, title: str) -> 
 
 _ARM_COLUMNS = (("accuracy", "test acc. (%)", 1), ("ece", "ECE (%)", 1),
                 ("overconfidence", "conf. − acc. (%)", 1), ("nll", "NLL", 3),
-                ("hessian", "λ_max", 2), ("m_sharpness", "m-sharpness", 4),
-                ("train_accuracy", "train acc. (%)", 1))
+                ("hessian", "λ_max", 2), ("hessian_trace", "tr H", 1),
+                ("m_sharpness", "m-sharpness", 4), ("train_accuracy", "train acc. (%)", 1))
+# Metrics that runs recorded before they were measured lack: their cell is NOT_MEASURED.
+_ADDED_LATER = ("hessian_trace",)
+NOT_MEASURED = "—"
+NOT_MEASURED_NOTE = (
+    f"{NOT_MEASURED}: not measured: the arm's runs were recorded before the study measured the"
+    " Hessian's trace (their λ_max is by power iteration, 20 steps, which agrees with Lanczos to"
+    " the power iteration's convergence; the study's results are not recomputed).")
+
+
+def measured(results: Results, arm: str, metric: str) -> bool:
+  """Whether every run of the arm has the metric (a run recorded before it was added has not)."""
+  return all(run.get(metric) is not None for run in results[arm])
+
+
+def trace_standard_error(results: Results) -> float | None:
+  """The largest standard error of a run's Hutchinson trace estimate (None: no run has one)."""
+  errors = [run["hessian_trace_stderr"] for runs in results.values() for run in runs
+            if run.get("hessian_trace_stderr") is not None]
+  return max(errors) if errors else None
 
 
 def arm_table(results: Results, arms, labels) -> str:
+  """One row per arm (mean ± std over seeds); :data:`NOT_MEASURED` where runs lack a metric."""
+  del labels
   lines = ["| arm | method, hyperparameters | epochs | grads/step | seeds | "
            + " | ".join(h for _, h, _ in _ARM_COLUMNS) + " |",
            "|---|---|---:|---:|---:|" + "---:|" * len(_ARM_COLUMNS)]
@@ -324,10 +345,31 @@ def arm_table(results: Results, arms, labels) -> str:
         f" + {first['forwards_per_step']} fwd" if first["forwards_per_step"] else "")
     hparams = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in first["hparams"].items())
-    cells = [mean_std(results, arm.name, key, digits) for key, _, digits in _ARM_COLUMNS]
+    cells = [NOT_MEASURED if key in _ADDED_LATER and not measured(results, arm.name, key)
+             else mean_std(results, arm.name, key, digits)
+             for key, _, digits in _ARM_COLUMNS]
     lines.append(f"| {arm.name} | {arm.method}({hparams}) | {first['epochs']} | {passes} |"
                  f" {len(results[arm.name])} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def sharpness_note(study, results: Results) -> str:
+  """How the table's sharpness columns were measured (and the note on missing ones)."""
+  note = (
+      f"λ_max: top Hessian eigenvalue of the training loss on {study.sharpness_examples}"
+      f" training examples (evaluation mode; Lanczos with full reorthogonalization,"
+      f" {study.hessian_iters} iterations, `sam_optax.sharpness.top_hessian_eigenvalues`);"
+      f" tr H: the trace of the same Hessian by Hutchinson's estimator with"
+      f" {study.trace_samples} Rademacher probes (`sam_optax.sharpness.hessian_trace`)")
+  error = trace_standard_error(results)
+  if error is not None:
+    note += f", whose own standard error is at most {error:.2g} over the runs"
+  note += (
+      f"; m-sharpness: mean over groups of {study.m_sharpness_m} training examples of"
+      f" `L_B(w + ε̂) − L_B(w)` at ρ = {study.m_sharpness_rho:g} (one normalized ascent step).")
+  if any(not measured(results, arm, key) for arm in results for key in _ADDED_LATER):
+    note += "\n\n" + NOT_MEASURED_NOTE
+  return note
 
 
 def verdict_table(rows: Sequence[Row]) -> str:
@@ -421,10 +463,9 @@ The learning-rate sweep keeps every radius at its tuned value for the base rate 
 
 {arm_table(results, arms, labels)}
 
-λ_max: top Hessian eigenvalue of the training loss on {study.sharpness_examples} training examples
-(power iteration, {study.hessian_iters} steps); m-sharpness: mean over groups of
-{study.m_sharpness_m} training examples of `L_B(w + ε̂) − L_B(w)` at ρ = {study.m_sharpness_rho:g}
-(one normalized ascent step). MESA is evaluated with its EMA weights, as the paper does.
+{sharpness_note(study, results)}
+
+MESA is evaluated with its EMA weights, as the paper does.
 Cost per step is not timed here: see `benchmarks/RESULTS.md` (interleaved timing).
 
 ## Figures

@@ -104,6 +104,31 @@ def test_verdict_rows_read_the_claims_right():
   assert flatter.verdict == rule.INCONCLUSIVE       # equal λ_max: the difference does not count
 
 
+def test_arm_table_shows_the_trace_where_runs_have_it_and_a_dash_where_not():
+  config = study_config.get_config()
+  arms = [study.Arm("sgd", "clean", "sgd"), study.Arm("sam", "clean", "sam", {"rho": 0.1})]
+  results = _fake_results(arms, (0, 1, 2), lambda name, seed: (0.7, 0.1, 2.0 + seed, 0.01))
+  for runs in results.values():
+    for run in runs:
+      run["reliability_diagram"] = {"bin_count": [10], "bin_confidence": [0.8],
+                                    "bin_accuracy": [0.7]}
+  for seed, run in enumerate(results["sam"]):       # recorded after the trace was added
+    run.update(hessian_trace=100.0 + 10 * seed, hessian_trace_stderr=0.5 + seed)
+  table = study_report.arm_table(results, arms, {})
+  header, _, sgd, sam = table.splitlines()
+  columns = [c.strip() for c in header.split("|")]
+  trace = columns.index("tr H")
+  assert columns[trace - 1] == "λ_max"              # next to λ_max
+  assert [c.strip() for c in sgd.split("|")][trace] == study_report.NOT_MEASURED
+  assert [c.strip() for c in sam.split("|")][trace] == "110.0 ± 10.0"
+  assert [c.strip() for c in sam.split("|")][trace - 1] == "3.00 ± 1.00"
+  note = study_report.sharpness_note(config, results)
+  assert study_report.NOT_MEASURED_NOTE in note and "at most 2.5" in note
+  every_run_has_it = {"sam": results["sam"]}
+  assert study_report.NOT_MEASURED_NOTE not in study_report.sharpness_note(config,
+                                                                           every_run_has_it)
+
+
 def test_tiny_study_runs_end_to_end(tmp_path):
   config = study_config.get_config("tiny")
   workdir = str(tmp_path / "study")
@@ -117,10 +142,13 @@ def test_tiny_study_runs_end_to_end(tmp_path):
     assert len(arm["runs"]) == len(config.seeds)
     for run in arm["runs"]:
       assert 0.0 <= run["accuracy"] <= 1.0 and np.isfinite(run["m_sharpness"])
+      assert np.isfinite(run["hessian"]) and np.isfinite(run["hessian_trace"])
+      assert 0.0 <= run["hessian_trace_stderr"] < np.inf
   claims = [v["claim"] for v in summary["verdicts"]]
   assert any(c.startswith("CSAM and SAM calibrate (clean labels, tuned") for c in claims)
   text = open(os.path.join(workdir, "verdicts.md"), encoding="utf-8").read()
   assert "## Verdicts" in text and f"{len(config.seeds)} seeds" in text
+  assert "| λ_max | tr H |" in text and study_report.NOT_MEASURED_NOTE not in text
   for figure in ("cost.png", "seeds.png", "reliability_clean.png"):
     assert os.path.getsize(os.path.join(workdir, figure)) > 0
   # A second call finds every run done and trains nothing.

@@ -104,7 +104,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # Checkpoints and evaluation.
   config.checkpoint_every_steps = 0  # 0: at the end only
   config.max_steps = 0               # > 0: stop there (no final evaluation)
-  config.hessian_iters = 20          # power iterations for λ_max (0: skip)
+  config.hessian_iters = 20          # Lanczos iterations for λ_max (0: skip)
   config.hessian_examples = 1000
   return finish(config, arg)
 

@@ -65,9 +65,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.learning_rates = (0.01, 0.03, 0.1, 0.2, 0.4, 0.7)
 
   # Sharpness of every final model: the top Hessian eigenvalue of the
-  # training loss (power iteration) and m-sharpness at radius rho on groups
-  # of m training examples.
+  # training loss (Lanczos, hessian_iters iterations; power iteration before
+  # the sharpness module), the Hessian's trace (Hutchinson, trace_samples
+  # Rademacher probes) and m-sharpness at radius rho on groups of m training
+  # examples.
   config.hessian_iters = 20
+  config.trace_samples = 100
   config.sharpness_examples = 1000
   config.m_sharpness_rho = 0.05
   config.m_sharpness_m = 100
@@ -94,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.only_arms = ("sgd", "sam", "csam")
     config.learning_rates = (0.01, 0.1)
     config.hessian_iters = 2
+    config.trace_samples = 4
     config.sharpness_examples = 100
     config.m_sharpness_m = 50
   elif arg:
