@@ -79,10 +79,12 @@ class Settings:
   slq_samples: int = 4
   m: int = 16
   rho: float = 0.05
-  adaptive_iters: int = 10
+  adaptive_steps: int = 20
   power_iters: int = 20
   power_max_iters: int = 200
   reference_iters: int = 100
+  lanczos_counts: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 30)
+  only: tuple[str, ...] | None = None  # measurement names to run (None: all)
   starts: dict[str, int] = dataclasses.field(
       default_factory=lambda: {"mnist1d": 3, "resnet": 1})
   tasks_factory: dict[str, Callable[..., tasks_lib.Task]] = dataclasses.field(
@@ -185,18 +187,20 @@ def measurements(settings: Settings, loss_fn, batch_size: int,
            num_samples=s.slq_samples).density),
       (f"m-sharpness (m = {s.m})", f"m_sharpness(rho={s.rho:g}, m={s.m})", None,
        lambda f, params, batch, key: sharpness.m_sharpness(f, params, batch, rho=s.rho, m=s.m)),
-      ("adaptive sharpness (average)", f"adaptive_sharpness(kind='average', rho={s.rho:g})",
-       None,
+      ("adaptive sharpness (average)", f"adaptive_sharpness(kind='average', rho={s.rho:g},"
+       f" num_samples={s.adaptive_steps})", None,
        lambda f, params, batch, key: sharpness.adaptive_sharpness(
-           f, params, batch, rho=s.rho, kind="average", key=key)),
-      ("adaptive sharpness (worst)", f"adaptive_sharpness(kind='worst', rho={s.rho:g})", None,
+           f, params, batch, rho=s.rho, kind="average", key=key,
+           num_samples=s.adaptive_steps)),
+      ("adaptive sharpness (worst)", f"adaptive_sharpness(kind='worst', rho={s.rho:g},"
+       f" num_steps={s.adaptive_steps})", None,
        lambda f, params, batch, key: sharpness.adaptive_sharpness(
-           f, params, batch, rho=s.rho, kind="worst", key=key)),
+           f, params, batch, rho=s.rho, kind="worst", num_steps=s.adaptive_steps)),
   ]
   out = []
   for name, call, hvps, fn in specs:
-    if not hasattr(sharpness, call.split("(")[0]) and not call.startswith("jax."):
-      continue  # a function this checkout of sam_optax.sharpness does not have yet
+    if s.only is not None and name not in s.only:
+      continue
     plain, counted = build(fn)
     out.append(Measurement(name, call, hvps, plain, counted))
   return out
@@ -281,8 +285,7 @@ def lanczos_top(loss_fn, num_iters: int) -> Callable[..., jax.Array]:
 
 def lanczos_schedule(settings: Settings) -> list[int]:
   """The Lanczos iteration counts tried (one compilation each)."""
-  counts = [2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 30]
-  return [n for n in counts if n <= settings.reference_iters]
+  return [n for n in settings.lanczos_counts if n <= settings.reference_iters]
 
 
 def compare_lanczos_power(settings: Settings, loss_fn, params, batch, starts_count: int,
@@ -389,7 +392,10 @@ def render(result: dict[str, Any]) -> str:
       " `jax.jvp` of `jax.grad`).",
       "- **forward passes**: the loss's forward passes counted at run time (a"
       " `jax.debug.callback` in the loss, in a separate untimed run): each HVP, gradient and"
-      " loss evaluation runs the forward once.",
+      " loss evaluation runs the forward once. m-sharpness takes one gradient and one loss"
+      " evaluation per group of m examples (its forward passes are the groups', each on m"
+      " examples); worst-case adaptive sharpness one gradient and one loss evaluation per"
+      " ascent step, average-case one loss evaluation per noise sample.",
       "- **time × gradient**: rounds in which one gradient evaluation"
       " (`jax.value_and_grad` on the same batch) and every measurement run once each, the"
       " order rotated every round; per round the measurement's time over the gradient's;"

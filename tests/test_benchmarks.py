@@ -189,3 +189,35 @@ def test_command_line_writes_results(tmp_path):
   # Sharded over two devices, each device computes about half the flops.
   rows = {(r["devices"], r["method"]): r for r in result["devices_scaling"]["rows"]}
   assert rows[2, "sgd"]["flops"] < 0.6 * rows[1, "sgd"]["flops"]
+
+
+def test_sharpness_benchmark_counts_products_and_writes_its_report(tmp_path, task):
+  from benchmarks import sharpness as sharpness_bench  # pylint: disable=import-outside-toplevel
+  settings = sharpness_bench.Settings(
+      tasks=("tiny",), batch={"tiny": 64}, train_steps=2, rounds=2, lanczos_iters=4, top_k=2,
+      trace_samples=3, slq_iters=3, slq_samples=2, m=16, adaptive_steps=2, power_iters=3,
+      power_max_iters=8, reference_iters=12, lanczos_counts=(2,), starts={"tiny": 1},
+      tasks_factory={"tiny": lambda batch_size: task},
+      # Each measurement compiles twice (timed, counted): top-k, SLQ and adaptive sharpness,
+      # built the same way, are left out to keep the test fast.
+      only=("gradient", "hessian-vector product", "λ_max (Lanczos)", "trace (Hutchinson)",
+            "m-sharpness (m = 16)"))
+  output = tmp_path / "SHARPNESS.md"
+  result = sharpness_bench.run(settings, str(output), "python -m benchmarks.sharpness --test")
+  (entry,) = result["tasks"]
+  rows = {r["name"]: r for r in entry["rows"]}
+  # The forward passes counted at run time are the products the algorithm takes.
+  assert rows["gradient"]["forwards"] == 1 and rows["hessian-vector product"]["forwards"] == 1
+  assert list(rows) == list(settings.only)
+  for name, products in (("λ_max (Lanczos)", 4), ("trace (Hutchinson)", 3)):
+    assert rows[name]["hvps"] == rows[name]["forwards"] == products, name
+  assert rows["m-sharpness (m = 16)"]["forwards"] == 2 * (64 // 16)  # a gradient and a loss per group
+  for r in entry["rows"]:
+    assert len(r["ratio"]) == 3 and r["seconds"]["median"] > 0, r["name"]
+  assert rows["gradient"]["ratio"]["median"] == pytest.approx(1.0)
+  (start,) = entry["comparison"]["starts"]
+  assert set(start["lanczos_error"]) == {"2"} and len(start["power_error"]) == 8
+  assert start["reference"] > 0 and start["power_final_error"] < 1.0
+  text = output.read_text()
+  assert "Lanczos against power iteration" in text and "| λ_max (Lanczos) |" in text
+  assert json.loads((tmp_path / "sharpness.json").read_text())["tasks"][0]["name"] == "tiny"
