@@ -199,7 +199,13 @@ def apgd_checkpoints(num_steps: int) -> list[int]:
 
   ``p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)``,
   checkpoints ``⌈p_j · N⌉`` for ``j ≥ 1`` up to ``N``: the schedule of
-  ``eval_APGD_sharpness`` (``version='default'``), computed the same way.
+  ``eval_APGD_sharpness`` (``version='default'``), computed the same way (in
+  floating point: ``p_4 · 20 = 14.000000000000002`` gives 15).
+
+  Example:
+    >>> from sam_optax import sharpness
+    >>> sharpness.apgd_checkpoints(20)
+    [5, 9, 12, 15, 16, 18, 19, 20]
   """
   p = [0.0, 0.22]
   w = [0, math.ceil(num_steps * 0.22)]
@@ -359,7 +365,8 @@ def adaptive_sharpness(
   projection onto the ball (clipping to ``±ρc``, or the ellipsoid
   ``‖δ ⊘ c‖₂ ≤ ρ`` by bisection on its Lagrange multiplier), the step size
   ``η_0 = 2ρ`` (``step_size``) halved at APGD's checkpoints
-  (:func:`apgd_checkpoints`: at 5, 9, 12, 14, 16, 18, 19 of 20 steps) when
+  (:func:`apgd_checkpoints`: after steps 5, 9, 12, 15, 16, 18 and 19 of 20,
+  counting from 0) when
   fewer than 75% of the steps since the last checkpoint raised the loss or
   neither the step size nor the best loss changed since; the gradient after
   a halving is taken at the best point so far. The value is the largest loss
