@@ -117,7 +117,7 @@ def jit_call(fn: Callable[..., Any], *trees: Any) -> Any:
 
 
 def _stackable(batches: list[Mapping[str, Any]]) -> bool:
-  first = jax.tree.structure(batches[0])
+  first: Any = jax.tree.structure(batches[0])
   shapes = None
   for batch in batches:
     leaves, treedef = jax.tree.flatten(batch)
@@ -152,11 +152,15 @@ def mean_over_batches(
   weights = [1] * len(batches) if weights is None else weights
   total = sum(weights)
   outs = [fn(jnp.asarray(i, jnp.int32), batch) for i, batch in enumerate(batches)]
-  return jax.tree.map(
-      lambda *values: sum(
-          w / total * jnp.asarray(v, jnp.promote_types(jnp.result_type(v), jnp.float32))
-          for w, v in zip(weights, values)).astype(jnp.result_type(values[0])),
-      *outs)
+
+  def weighted_mean(*values):
+    dtype = jnp.promote_types(jnp.result_type(values[0]), jnp.float32)
+    total_value = jnp.zeros(jnp.shape(values[0]), dtype)
+    for weight, value in zip(weights, values):
+      total_value = total_value + weight / total * jnp.asarray(value, dtype)
+    return total_value.astype(jnp.result_type(values[0]))
+
+  return jax.tree.map(weighted_mean, *outs)
 
 
 def scalar_loss(function: str, loss_fn: Callable[..., Any], has_aux: bool

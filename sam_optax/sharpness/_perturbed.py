@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from sam_optax import _ascent
 from sam_optax._asam import adaptive_step, not_a_bias
+from sam_optax._ascent import Mask
 from sam_optax.sharpness import _common
 from sam_optax.sharpness._common import Batches
 
@@ -64,7 +65,7 @@ def m_sharpness(
     m: int,
     method: str = "sam",
     eta: float = 0.01,
-    mask: _ascent.Mask | None = None,
+    mask: Mask | None = None,
     adaptive_mask: Any | Callable[[Any], Any] = not_a_bias,
     batch_argnames: Sequence[str] | None = None,
     axis_name: str | None = None,
@@ -331,7 +332,7 @@ def adaptive_sharpness(
     step_size: float | None = None,
     num_samples: int | None = None,
     eta: float = 0.0,
-    mask: _ascent.Mask | None = None,
+    mask: Mask | None = None,
     axis_name: str | None = None,
     has_aux: bool = False,
 ) -> jax.Array:
@@ -452,11 +453,11 @@ def adaptive_sharpness(
       raise ValueError(
           f"{function}: kind='average' draws random perturbations and needs a key,"
           " e.g. key=jax.random.key(0); got key=None.")
-    for name, given in (("num_steps", num_steps), ("step_size", step_size)):
-      if given is not None:
+    for name, option in (("num_steps", num_steps), ("step_size", step_size)):
+      if option is not None:
         raise ValueError(
             f"{function}: {name} is an option of kind='worst' (the ascent); with"
-            f" kind='average' use num_samples, got {name}={given!r}.")
+            f" kind='average' use num_samples, got {name}={option!r}.")
     num_samples = _DEFAULT_STEPS if num_samples is None else num_samples
     _ascent.check_int("num_samples", num_samples, 1, function)
   else:
