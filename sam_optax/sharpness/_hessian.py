@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from sam_optax import _ascent
+from sam_optax import _checks, _loss
 from sam_optax.sharpness import _common
 from sam_optax.sharpness._common import Batches
 
@@ -86,7 +86,7 @@ def _check_krylov(function: str, params: Any, num_iters: int, what: str) -> int:
 def _flat_operator(function: str, loss_fn: Callable[..., Any], params: Any,
                    batches: list[Any], axis_name: str | None, has_aux: bool):
   """``(H v for flat v, the flat zero vector, unravel)`` in the work dtype."""
-  value = _common.scalar_loss(function, loss_fn, has_aux)
+  value = _loss.scalar_loss(function, loss_fn, has_aux)
   product = _common.hessian_vector_product(value, params, batches, axis_name)
   dtype = _common.work_dtype(params)
   flat, unravel = ravel_pytree(jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
@@ -191,14 +191,14 @@ def top_hessian_eigenvalues(
     True
   """
   function = "top_hessian_eigenvalues"
-  _ascent.check_int("k", k, 1, function)
-  _ascent.check_int("num_iters", num_iters, 1, function)
+  _checks.check_int("k", k, 1, function)
+  _checks.check_int("num_iters", num_iters, 1, function)
   if k > num_iters:
     raise ValueError(
         f"{function}: k={k} must be <= num_iters={num_iters}: Lanczos gives"
         " num_iters Ritz values, raise num_iters (the k largest converge first,"
         " num_iters of 2k to 3k and more is usual).")
-  _ascent.check_axis_name(function, axis_name)
+  _checks.check_axis_name(function, axis_name)
   _check_key(function, key)
   _common.check_params(function, params)
   size = _common.num_params(params)
@@ -206,7 +206,7 @@ def top_hessian_eigenvalues(
     raise ValueError(
         f"{function}: k={k} must be <= the number of parameters, {size}.")
   _check_krylov(function, params, num_iters, "the Krylov dimension")
-  batch_list = _common.batch_list(function, batches)
+  batch_list = _common.batch_list(function, loss_fn, batches)
   matfree = _common.import_matfree(function)
 
   def run(params, batch_list, key):
@@ -285,11 +285,11 @@ def hessian_trace(
     (7.0, 0.0)
   """
   function = "hessian_trace"
-  _ascent.check_int("num_samples", num_samples, 2, function)
-  _ascent.check_axis_name(function, axis_name)
+  _checks.check_int("num_samples", num_samples, 2, function)
+  _checks.check_axis_name(function, axis_name)
   _check_key(function, key)
   _common.check_params(function, params)
-  batch_list = _common.batch_list(function, batches)
+  batch_list = _common.batch_list(function, loss_fn, batches)
   matfree = _common.import_matfree(function)
 
   def run(params, batch_list, key):
@@ -384,12 +384,12 @@ def hessian_spectral_density(
     4.5
   """
   function = "hessian_spectral_density"
-  _ascent.check_int("num_iters", num_iters, 1, function)
-  _ascent.check_int("num_samples", num_samples, 1, function)
-  _ascent.check_axis_name(function, axis_name)
+  _checks.check_int("num_iters", num_iters, 1, function)
+  _checks.check_int("num_samples", num_samples, 1, function)
+  _checks.check_axis_name(function, axis_name)
   _check_key(function, key)
   if sigma is not None:
-    _ascent.check_positive("sigma", sigma, function)
+    _checks.check_positive("sigma", sigma, function)
   _common.check_params(function, params)
   _check_krylov(function, params, num_iters, "Lanczos steps per probe")
   if grid is not None:
@@ -397,7 +397,7 @@ def hessian_spectral_density(
     if len(shape) != 1 or shape[0] < 2:
       raise ValueError(
           f"{function}: grid must be a 1-D array of at least 2 points, got shape {shape}.")
-  batch_list = _common.batch_list(function, batches)
+  batch_list = _common.batch_list(function, loss_fn, batches)
   matfree = _common.import_matfree(function)
 
   def run(params, batch_list, key, grid):

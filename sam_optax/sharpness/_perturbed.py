@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sam_optax import _ascent
+from sam_optax import _ascent, _checks, _loss, _numerics, _parallel
 from sam_optax._asam import adaptive_step, not_a_bias
 from sam_optax._ascent import Mask
 from sam_optax.sharpness import _common
@@ -70,7 +70,7 @@ def m_sharpness(
     batch_argnames: Sequence[str] | None = None,
     axis_name: str | None = None,
     has_aux: bool = False,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> jax.Array:
   r"""SAM's m-sharpness: the loss increase of the one-step ascent, per group of ``m`` examples.
 
@@ -146,15 +146,15 @@ def m_sharpness(
     0.105
   """
   function = "m_sharpness"
-  _ascent.check_non_negative("rho", rho, function)
-  _ascent.check_int("m", m, 1, function)
+  _checks.check_non_negative("rho", rho, function)
+  _checks.check_int("m", m, 1, function)
   _check_choice(function, "method", method, _METHODS)
-  _ascent.check_non_negative("eta", eta, function)
-  _ascent.check_positive("eps", eps, function)
-  _ascent.check_axis_name(function, axis_name)
+  _checks.check_non_negative("eta", eta, function)
+  _checks.check_positive("eps", eps, function)
+  _checks.check_axis_name(function, axis_name)
   _common.check_params(function, params)
-  value = _common.scalar_loss(function, loss_fn, has_aux)
-  batch_list = _common.batch_list(function, batches, required=True)
+  value = _loss.scalar_loss(function, loss_fn, has_aux)
+  batch_list = _common.batch_list(function, loss_fn, batches, required=True)
   if mask is not None and not callable(mask):
     _ascent.resolve_mask(function, mask, mask)
 
@@ -175,12 +175,12 @@ def m_sharpness(
     def of_batch(index, batch):
       del index
       groups, num_groups = _groups_of(function, batch, m, batch_argnames)
-      return _ascent.mean_over_groups(lambda group: of_group({**batch, **group}), groups,
+      return _parallel.mean_over_groups(lambda group: of_group({**batch, **group}), groups,
                                       num_groups)
 
     weights = [_groups_of(function, batch, m, batch_argnames)[1] for batch in batch_list]
     sharpness = _common.mean_over_batches(of_batch, batch_list, weights=weights)
-    return _ascent.mean_over_axis(sharpness, axis_name)
+    return _parallel.mean_over_axis(sharpness, axis_name)
 
   return _common.jit_call(run, params, batch_list, rho)
 
@@ -315,7 +315,7 @@ def _average_case(loss_at, scale, rho, norm, num_samples, key, dtype):
     return loss_at(jax.tree.unflatten(treedef, [rho * c * x for c, x in zip(leaves, noise)]))
 
   zeros = jax.tree.map(jnp.zeros_like, scale)
-  mean = _ascent.mean_over_groups(of_sample, jax.random.split(key, num_samples), num_samples)
+  mean = _parallel.mean_over_groups(of_sample, jax.random.split(key, num_samples), num_samples)
   return mean - loss_at(zeros)
 
 
@@ -444,7 +444,7 @@ def adaptive_sharpness(
     True
   """
   function = "adaptive_sharpness"
-  _ascent.check_non_negative("rho", rho, function)
+  _checks.check_non_negative("rho", rho, function)
   _check_choice(function, "kind", kind, _KINDS)
   norm = _DEFAULT_NORM[kind] if norm is None else norm
   _check_choice(function, "norm", norm, _NORMS)
@@ -459,7 +459,7 @@ def adaptive_sharpness(
             f"{function}: {name} is an option of kind='worst' (the ascent); with"
             f" kind='average' use num_samples, got {name}={option!r}.")
     num_samples = _DEFAULT_STEPS if num_samples is None else num_samples
-    _ascent.check_int("num_samples", num_samples, 1, function)
+    _checks.check_int("num_samples", num_samples, 1, function)
   else:
     for name, given in (("key", key), ("num_samples", num_samples)):
       if given is not None:
@@ -467,14 +467,14 @@ def adaptive_sharpness(
             f"{function}: {name} is an option of kind='average'; kind='worst'"
             f" ascends from δ = 0 (the authors' default), got {name}={given!r}.")
     num_steps = _DEFAULT_STEPS if num_steps is None else num_steps
-    _ascent.check_int("num_steps", num_steps, 1, function)
+    _checks.check_int("num_steps", num_steps, 1, function)
     if step_size is not None:
-      _ascent.check_positive("step_size", step_size, function)
-  _ascent.check_non_negative("eta", eta, function)
-  _ascent.check_axis_name(function, axis_name)
+      _checks.check_positive("step_size", step_size, function)
+  _checks.check_non_negative("eta", eta, function)
+  _checks.check_axis_name(function, axis_name)
   _common.check_params(function, params)
-  value = _common.scalar_loss(function, loss_fn, has_aux)
-  batch_list = _common.batch_list(function, batches, required=True)
+  value = _loss.scalar_loss(function, loss_fn, has_aux)
+  batch_list = _common.batch_list(function, loss_fn, batches, required=True)
   if mask is not None and not callable(mask):
     _ascent.resolve_mask(function, mask, mask)
   dtype = _common.work_dtype(params)
@@ -490,11 +490,11 @@ def adaptive_sharpness(
     def of_batch(index, batch):
       def loss_at(delta):
         loss = value(_shifted(params, delta), **batch)
-        return _ascent.mean_over_axis(jnp.asarray(loss, dtype), axis_name)
+        return _parallel.mean_over_axis(jnp.asarray(loss, dtype), axis_name)
 
       def grad_at(delta):
         grads = jax.grad(value)(_shifted(params, delta), **batch)
-        return _ascent.mean_over_axis(_ascent.cast_like(grads, scale), axis_name)
+        return _parallel.mean_over_axis(_numerics.cast_like(grads, scale), axis_name)
 
       if kind == "worst":
         size = 2.0 * rho if step_size is None else step_size
