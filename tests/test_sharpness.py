@@ -477,6 +477,16 @@ def test_axis_name_inside_shard_map_equals_the_whole_batch(problem, mesh, top3, 
                                                       "linf"), rtol=1e-8)
 
 
+def test_shard_map_with_check_vma_is_refused(mesh):
+  # There JAX sums the gradient of replicated params over the axis itself.
+  fn = jax.shard_map(
+      lambda w, x: sharpness.hessian_trace(lambda w, x: jnp.mean((x @ w) ** 2), w, {"x": x},
+                                           key=jax.random.key(0), axis_name="data").trace,
+      mesh=mesh, in_specs=(P(), P("data")), out_specs=P(), check_vma=True)
+  with pytest.raises(ValueError, match="check_vma=False"):
+    jax.jit(fn)(np.ones(3), np.ones((16, 3)))
+
+
 # --------------------------------------------------------------------------
 # bf16, jit, the optional dependency, bad input.
 # --------------------------------------------------------------------------
@@ -558,6 +568,12 @@ def test_a_missing_matfree_names_the_extra(monkeypatch):
     (lambda p, b: sharpness.adaptive_sharpness(loss_fn, p, iter([]), rho=0.1), "batches is empty"),
     (lambda p, b: sharpness.hessian_trace(loss_fn, {"w": np.arange(3)}, b, key=jax.random.key(0)),
      r"params\['w'\] has dtype int"),
+    (lambda p, b: sharpness.hessian_trace(loss_fn, p, [b, {**b, "z": 1}], key=jax.random.key(0)),
+     r"batches\[1\] has key\(s\) \['z'\] that loss_fn\(params, x, y\) does not accept"),
+    (lambda p, b: sharpness.m_sharpness(loss_fn, p, {"x": b["x"]}, rho=0.1, m=4),
+     r"loss_fn\(params, x, y\) requires \['y'\], but batches has \['x'\]"),
+    (lambda p, b: sharpness.hessian_trace(loss_fn, p, b["x"], key=jax.random.key(0)),
+     "batches must be None, a mapping"),
 ])
 def test_bad_input_is_a_clear_error(problem, call, match):
   with pytest.raises((ValueError, TypeError), match=match):

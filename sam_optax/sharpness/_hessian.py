@@ -138,6 +138,14 @@ def top_hessian_eigenvalues(
   it is). With ``K = n`` (the number of parameters) the result is exact up
   to rounding.
 
+  .. note::
+    matfree normalizes each new Lanczos vector by the norm of the residual
+    with no guard: if the residual is *exactly* zero (the start vector lies
+    in an invariant subspace of dimension below ``K``, which happens for toy
+    Hessians such as a multiple of the identity probed by a ±1 vector, never
+    in practice for a network), the results are NaN. Lower ``num_iters``
+    there.
+
   Args:
     loss_fn: ``loss_fn(params, **batch) -> scalar`` (or ``(scalar, aux)``
       with ``has_aux``), the library's form; bind model state (BatchNorm
@@ -153,9 +161,10 @@ def top_hessian_eigenvalues(
       Hessian-vector products), ``k ≤ K ≤ n``.
     key: a ``jax.random`` key for the start vector.
     return_eigenvectors: whether to return the Ritz vectors too.
-    axis_name: inside ``jax.pmap`` or ``shard_map`` with each device holding
-      a shard of the batches: the mesh axis the products are averaged over
-      (equal-sized shards give the Hessian of the whole batch).
+    axis_name: inside ``jax.pmap`` or ``jax.shard_map(..., check_vma=False)``
+      with each device holding a shard of the batches: the mesh axis the
+      products are averaged over (equal-sized shards give the Hessian of the
+      whole batch).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
@@ -164,6 +173,8 @@ def top_hessian_eigenvalues(
   Raises:
     ValueError: if ``k`` or ``num_iters`` is out of range, or ``loss_fn``
       does not return a scalar.
+    TypeError: if a batch has keys ``loss_fn`` does not take (or lacks ones
+      it requires).
     ImportError: if matfree is not installed (``pip install
       'sam_optax[sharpness]'``).
 
@@ -210,6 +221,7 @@ def top_hessian_eigenvalues(
   matfree = _common.import_matfree(function)
 
   def run(params, batch_list, key):
+    _common.check_manual_axes(function, axis_name, params, batch_list)
     matvec, zero, unravel = _flat_operator(
         function, loss_fn, params, batch_list, axis_name, has_aux)
     start = jax.random.normal(key, zero.shape, zero.dtype)
@@ -293,6 +305,7 @@ def hessian_trace(
   matfree = _common.import_matfree(function)
 
   def run(params, batch_list, key):
+    _common.check_manual_axes(function, axis_name, params, batch_list)
     matvec, zero, _ = _flat_operator(function, loss_fn, params, batch_list, axis_name, has_aux)
     integrand = matfree.stochtrace.monte_carlo_trace()
     keys, probe = _rademacher_probes(matfree, zero, key, num_samples)
@@ -401,6 +414,7 @@ def hessian_spectral_density(
   matfree = _common.import_matfree(function)
 
   def run(params, batch_list, key, grid):
+    _common.check_manual_axes(function, axis_name, params, batch_list)
     matvec, zero, _ = _flat_operator(function, loss_fn, params, batch_list, axis_name, has_aux)
     tridiag = matfree.decomp.tridiag_sym(num_iters, reortho="full", custom_vjp=False)
     keys, probe = _rademacher_probes(matfree, zero, key, num_samples)

@@ -99,7 +99,7 @@ def m_sharpness(
 
   The groups of a batch run one after the other (``jax.lax.scan``), so memory
   is that of one group's forward and backward pass; batches of one shape are
-  scanned over too. With ``axis_name`` (inside ``jax.pmap`` or ``shard_map``,
+  scanned over too. With ``axis_name`` (inside ``jax.pmap`` or ``shard_map(check_vma=False)``,
   each device holding a shard of every batch) each device cuts its shard
   into groups and the mean is taken over the devices (``jax.lax.pmean``):
   with shards of a multiple of ``m`` examples, the number of the whole batch.
@@ -121,7 +121,8 @@ def m_sharpness(
       :func:`sam_optax.asam`).
     batch_argnames: the keys of each batch that hold one row per example
       (split into groups); None: every key. The others are passed whole.
-    axis_name: the mesh axis to average over, inside ``pmap``/``shard_map``.
+    axis_name: the mesh axis to average over, inside ``jax.pmap`` or
+      ``jax.shard_map(..., check_vma=False)``.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     eps: δ, added to the norms in divisions.
 
@@ -159,6 +160,7 @@ def m_sharpness(
     _ascent.resolve_mask(function, mask, mask)
 
   def run(params, batch_list, rho):
+    _common.check_manual_axes(function, axis_name, params, batch_list)
     ascent = _ascent.Ascent(params, None, _ascent.resolve_mask(function, mask, params),
                             eps, mean=lambda tree: tree)
 
@@ -413,9 +415,10 @@ def adaptive_sharpness(
       20).
     eta: η ≥ 0 added to ``|w|``.
     mask: the leaves to perturb (see :func:`sam_optax.sam`); None: all.
-    axis_name: inside ``jax.pmap`` or ``shard_map``, with every batch split
-      over the devices: the mesh axis the losses and gradients are averaged
-      over (equal shards give the numbers of the whole batch).
+    axis_name: inside ``jax.pmap`` or ``jax.shard_map(..., check_vma=False)``,
+      with every batch split over the devices: the mesh axis the losses and
+      gradients are averaged over (equal shards give the numbers of the
+      whole batch).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
@@ -480,6 +483,7 @@ def adaptive_sharpness(
   dtype = _common.work_dtype(params)
 
   def run(params, batch_list, rho, step_size, key):
+    _common.check_manual_axes(function, axis_name, params, batch_list)
     resolved = _ascent.resolve_mask(function, mask, params)
     selected = resolved if resolved is not None else jax.tree.map(lambda _: True, params)
     scale = jax.tree.map(
