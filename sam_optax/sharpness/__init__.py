@@ -8,7 +8,9 @@ iterable of them (the quantity is then that of the mean loss over the
 batches, or the mean over the batches of a per-batch quantity, as each
 function says). Every function is pure and can be called under ``jax.jit``
 (its integer and string options are static); with ``axis_name`` it runs
-inside ``jax.pmap`` or ``shard_map`` on per-device shards of the batches.
+inside ``jax.pmap`` or ``jax.shard_map(..., check_vma=False)`` on per-device
+shards of the batches (``check_vma=True`` is refused: JAX would already sum
+the gradients over the axis).
 
 * :func:`top_hessian_eigenvalues` -- the ``k`` largest eigenvalues of the
   Hessian (Lanczos, full reorthogonalization), and their eigenvectors;

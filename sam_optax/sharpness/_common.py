@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_optax import _ascent
+from sam_optax import _checks, _loss, _numerics, _parallel
 
 Batches = Mapping[str, Any] | Iterable[Mapping[str, Any]] | None
 """None, one mapping of keyword arguments of ``loss_fn``, or an iterable of them."""
@@ -57,35 +57,67 @@ def work_dtype(params: Any) -> Any:
   return jnp.result_type(jnp.float32, *(jnp.result_type(x) for x in jax.tree.leaves(params)))
 
 
-def batch_list(function: str, batches: Batches, *, required: bool = False
-               ) -> list[Mapping[str, Any]]:
-  """``batches`` as a non-empty list of mappings of keyword arguments."""
+def batch_list(function: str, loss_fn: Callable[..., Any], batches: Batches, *,
+               required: bool = False) -> list[dict[str, Any]]:
+  """``batches`` as a non-empty list of mappings of keyword arguments of
+  ``loss_fn``, each checked against its signature."""
+  _checks.check_callable("loss_fn", loss_fn, function, required=True)
   if batches is None:
     if required:
       raise ValueError(
           f"{function}: batches is required: a mapping of the keyword arguments of"
           " loss_fn (batches={'x': x, 'y': y}) or a non-empty list of them.")
-    return [{}]
-  if isinstance(batches, Mapping):
-    return [batches]
-  if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable) or hasattr(
+    listed: list[Any] = [{}]
+  elif isinstance(batches, Mapping):
+    listed = [batches]
+  elif isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable) or hasattr(
       batches, "shape"):
     raise TypeError(
         f"{function}: batches must be None, a mapping of keyword arguments of"
         " loss_fn (e.g. {'x': x, 'y': y}) or an iterable of such mappings, got"
         f" {type(batches).__name__}.")
-  listed = list(batches)
+  else:
+    listed = list(batches)
   if not listed:
     raise ValueError(
         f"{function}: batches is empty; pass at least one mapping of keyword"
         " arguments of loss_fn.")
+  checked = []
   for index, batch in enumerate(listed):
     if not isinstance(batch, Mapping):
       raise TypeError(
           f"{function}: every element of batches must be a mapping of keyword"
           f" arguments of loss_fn, but batches[{index}] is a"
           f" {type(batch).__name__}.")
-  return listed
+    source = "batches" if batches is None or isinstance(batches, Mapping) else f"batches[{index}]"
+    checked.append(_loss.loss_arguments(function, "loss_fn", loss_fn, batch, source=source))
+  return checked
+
+
+def check_manual_axes(function: str, axis_name: str | None, *trees: Any) -> None:
+  """Refuses ``shard_map(..., check_vma=True)`` over ``axis_name``.
+
+  With varying-axis checks on, JAX sums the gradient of replicated params
+  over the axis itself (the transpose of their implicit broadcast), so the
+  per-device products that these functions average with ``pmean`` would
+  already be sums: every Hessian would come out ``axis_size`` times too
+  large. The library's data-parallel options run under ``check_vma=False``
+  (and ``jax.pmap``), where the gradient is the device's own.
+  """
+  if axis_name is None:
+    return
+  for leaf in jax.tree.leaves(trees):
+    if not isinstance(leaf, jax.core.Tracer):
+      continue
+    manual = getattr(jax.typeof(leaf), "manual_axis_type", None)
+    if axis_name in getattr(manual, "varying", ()):
+      raise ValueError(
+          f"{function}: axis_name={axis_name!r} is a shard_map axis with"
+          " check_vma=True, under which JAX already sums the gradient of the"
+          " replicated params over the axis, so the per-device values this"
+          " function averages would be counted once per device. Call it inside"
+          f" jax.shard_map(..., check_vma=False) (as sam_optax.PerDevice is used)"
+          " or jax.pmap.")
 
 
 def _is_array(leaf: Any) -> bool:
@@ -117,7 +149,7 @@ def jit_call(fn: Callable[..., Any], *trees: Any) -> Any:
 
 
 def _stackable(batches: list[Mapping[str, Any]]) -> bool:
-  first = jax.tree.structure(batches[0])
+  first: Any = jax.tree.structure(batches[0])
   shapes = None
   for batch in batches:
     leaves, treedef = jax.tree.flatten(batch)
@@ -139,7 +171,7 @@ def mean_over_batches(
   """``Σ_b w_b fn(b, batch_b) / Σ_b w_b`` (equal weights by default).
 
   Batches of one structure and shapes are stacked and scanned over
-  (:func:`sam_optax._ascent.mean_over_groups`: one batch's intermediate
+  (:func:`sam_optax._parallel.mean_over_groups`: one batch's intermediate
   values alive at a time, the sum in at least float32); others are summed in
   a Python loop (one copy of ``fn`` each in the program).
   """
@@ -148,22 +180,19 @@ def mean_over_batches(
   if _stackable(batches) and (weights is None or len(set(weights)) == 1):
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *batches)
     indices = jnp.arange(len(batches), dtype=jnp.int32)
-    return _ascent.mean_over_groups(lambda group: fn(*group), (indices, stacked), len(batches))
+    return _parallel.mean_over_groups(lambda group: fn(*group), (indices, stacked), len(batches))
   weights = [1] * len(batches) if weights is None else weights
   total = sum(weights)
   outs = [fn(jnp.asarray(i, jnp.int32), batch) for i, batch in enumerate(batches)]
-  return jax.tree.map(
-      lambda *values: sum(
-          w / total * jnp.asarray(v, jnp.promote_types(jnp.result_type(v), jnp.float32))
-          for w, v in zip(weights, values)).astype(jnp.result_type(values[0])),
-      *outs)
 
+  def weighted_mean(*values):
+    dtype = jnp.promote_types(jnp.result_type(values[0]), jnp.float32)
+    total_value = jnp.zeros(jnp.shape(values[0]), dtype)
+    for weight, value in zip(weights, values):
+      total_value = total_value + weight / total * jnp.asarray(value, dtype)
+    return total_value.astype(jnp.result_type(values[0]))
 
-def scalar_loss(function: str, loss_fn: Callable[..., Any], has_aux: bool
-                ) -> Callable[..., jax.Array]:
-  """``loss_fn`` reduced to its checked scalar value (the optimizers' check)."""
-  _ascent.check_callable("loss_fn", loss_fn, function, required=True)
-  return _ascent.scalar_loss(function, loss_fn, has_aux)
+  return jax.tree.map(weighted_mean, *outs)
 
 
 def hessian_vector_product(
@@ -182,13 +211,13 @@ def hessian_vector_product(
   dtype = work_dtype(params)
 
   def product(vector: Any) -> Any:
-    tangent = _ascent.cast_like(vector, params)
+    tangent = _numerics.cast_like(vector, params)
 
     def of_batch(index, batch):
       del index
       _, out = jax.jvp(lambda p: jax.grad(value)(p, **batch), (params,), (tangent,))
       return jax.tree.map(lambda x: x.astype(dtype), out)
 
-    return _ascent.mean_over_axis(mean_over_batches(of_batch, batches), axis_name)
+    return _parallel.mean_over_axis(mean_over_batches(of_batch, batches), axis_name)
 
   return product

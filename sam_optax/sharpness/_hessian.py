@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from sam_optax import _ascent
+from sam_optax import _checks, _loss
 from sam_optax.sharpness import _common
 from sam_optax.sharpness._common import Batches
 
@@ -86,7 +86,7 @@ def _check_krylov(function: str, params: Any, num_iters: int, what: str) -> int:
 def _flat_operator(function: str, loss_fn: Callable[..., Any], params: Any,
                    batches: list[Any], axis_name: str | None, has_aux: bool):
   """``(H v for flat v, the flat zero vector, unravel)`` in the work dtype."""
-  value = _common.scalar_loss(function, loss_fn, has_aux)
+  value = _loss.scalar_loss(function, loss_fn, has_aux)
   product = _common.hessian_vector_product(value, params, batches, axis_name)
   dtype = _common.work_dtype(params)
   flat, unravel = ravel_pytree(jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
@@ -138,6 +138,14 @@ def top_hessian_eigenvalues(
   it is). With ``K = n`` (the number of parameters) the result is exact up
   to rounding.
 
+  .. note::
+    matfree normalizes each new Lanczos vector by the norm of the residual
+    with no guard: if the residual is *exactly* zero (the start vector lies
+    in an invariant subspace of dimension below ``K``, which happens for toy
+    Hessians such as a multiple of the identity probed by a ±1 vector, never
+    in practice for a network), the results are NaN. Lower ``num_iters``
+    there.
+
   Args:
     loss_fn: ``loss_fn(params, **batch) -> scalar`` (or ``(scalar, aux)``
       with ``has_aux``), the library's form; bind model state (BatchNorm
@@ -153,9 +161,10 @@ def top_hessian_eigenvalues(
       Hessian-vector products), ``k ≤ K ≤ n``.
     key: a ``jax.random`` key for the start vector.
     return_eigenvectors: whether to return the Ritz vectors too.
-    axis_name: inside ``jax.pmap`` or ``shard_map`` with each device holding
-      a shard of the batches: the mesh axis the products are averaged over
-      (equal-sized shards give the Hessian of the whole batch).
+    axis_name: inside ``jax.pmap`` or ``jax.shard_map(..., check_vma=False)``
+      with each device holding a shard of the batches: the mesh axis the
+      products are averaged over (equal-sized shards give the Hessian of the
+      whole batch).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
@@ -164,6 +173,8 @@ def top_hessian_eigenvalues(
   Raises:
     ValueError: if ``k`` or ``num_iters`` is out of range, or ``loss_fn``
       does not return a scalar.
+    TypeError: if a batch has keys ``loss_fn`` does not take (or lacks ones
+      it requires).
     ImportError: if matfree is not installed (``pip install
       'sam_optax[sharpness]'``).
 
@@ -191,14 +202,14 @@ def top_hessian_eigenvalues(
     True
   """
   function = "top_hessian_eigenvalues"
-  _ascent.check_int("k", k, 1, function)
-  _ascent.check_int("num_iters", num_iters, 1, function)
+  _checks.check_int("k", k, 1, function)
+  _checks.check_int("num_iters", num_iters, 1, function)
   if k > num_iters:
     raise ValueError(
         f"{function}: k={k} must be <= num_iters={num_iters}: Lanczos gives"
         " num_iters Ritz values, raise num_iters (the k largest converge first,"
         " num_iters of 2k to 3k and more is usual).")
-  _ascent.check_axis_name(function, axis_name)
+  _checks.check_axis_name(function, axis_name)
   _check_key(function, key)
   _common.check_params(function, params)
   size = _common.num_params(params)
@@ -206,10 +217,11 @@ def top_hessian_eigenvalues(
     raise ValueError(
         f"{function}: k={k} must be <= the number of parameters, {size}.")
   _check_krylov(function, params, num_iters, "the Krylov dimension")
-  batch_list = _common.batch_list(function, batches)
+  batch_list = _common.batch_list(function, loss_fn, batches)
   matfree = _common.import_matfree(function)
 
   def run(params, batch_list, key):
+    _common.check_manual_axes(function, axis_name, params, batch_list)
     matvec, zero, unravel = _flat_operator(
         function, loss_fn, params, batch_list, axis_name, has_aux)
     start = jax.random.normal(key, zero.shape, zero.dtype)
@@ -285,14 +297,15 @@ def hessian_trace(
     (7.0, 0.0)
   """
   function = "hessian_trace"
-  _ascent.check_int("num_samples", num_samples, 2, function)
-  _ascent.check_axis_name(function, axis_name)
+  _checks.check_int("num_samples", num_samples, 2, function)
+  _checks.check_axis_name(function, axis_name)
   _check_key(function, key)
   _common.check_params(function, params)
-  batch_list = _common.batch_list(function, batches)
+  batch_list = _common.batch_list(function, loss_fn, batches)
   matfree = _common.import_matfree(function)
 
   def run(params, batch_list, key):
+    _common.check_manual_axes(function, axis_name, params, batch_list)
     matvec, zero, _ = _flat_operator(function, loss_fn, params, batch_list, axis_name, has_aux)
     integrand = matfree.stochtrace.monte_carlo_trace()
     keys, probe = _rademacher_probes(matfree, zero, key, num_samples)
@@ -384,12 +397,12 @@ def hessian_spectral_density(
     4.5
   """
   function = "hessian_spectral_density"
-  _ascent.check_int("num_iters", num_iters, 1, function)
-  _ascent.check_int("num_samples", num_samples, 1, function)
-  _ascent.check_axis_name(function, axis_name)
+  _checks.check_int("num_iters", num_iters, 1, function)
+  _checks.check_int("num_samples", num_samples, 1, function)
+  _checks.check_axis_name(function, axis_name)
   _check_key(function, key)
   if sigma is not None:
-    _ascent.check_positive("sigma", sigma, function)
+    _checks.check_positive("sigma", sigma, function)
   _common.check_params(function, params)
   _check_krylov(function, params, num_iters, "Lanczos steps per probe")
   if grid is not None:
@@ -397,10 +410,11 @@ def hessian_spectral_density(
     if len(shape) != 1 or shape[0] < 2:
       raise ValueError(
           f"{function}: grid must be a 1-D array of at least 2 points, got shape {shape}.")
-  batch_list = _common.batch_list(function, batches)
+  batch_list = _common.batch_list(function, loss_fn, batches)
   matfree = _common.import_matfree(function)
 
   def run(params, batch_list, key, grid):
+    _common.check_manual_axes(function, axis_name, params, batch_list)
     matvec, zero, _ = _flat_operator(function, loss_fn, params, batch_list, axis_name, has_aux)
     tridiag = matfree.decomp.tridiag_sym(num_iters, reortho="full", custom_vjp=False)
     keys, probe = _rademacher_probes(matfree, zero, key, num_samples)

@@ -9,8 +9,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sam_optax import _ascent
+from sam_optax import _ascent, _checks, _loss, _numerics, _parallel
 from sam_optax._asam import adaptive_step, not_a_bias
+from sam_optax._ascent import Mask
 from sam_optax.sharpness import _common
 from sam_optax.sharpness._common import Batches
 
@@ -64,12 +65,12 @@ def m_sharpness(
     m: int,
     method: str = "sam",
     eta: float = 0.01,
-    mask: _ascent.Mask | None = None,
+    mask: Mask | None = None,
     adaptive_mask: Any | Callable[[Any], Any] = not_a_bias,
     batch_argnames: Sequence[str] | None = None,
     axis_name: str | None = None,
     has_aux: bool = False,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> jax.Array:
   r"""SAM's m-sharpness: the loss increase of the one-step ascent, per group of ``m`` examples.
 
@@ -98,7 +99,7 @@ def m_sharpness(
 
   The groups of a batch run one after the other (``jax.lax.scan``), so memory
   is that of one group's forward and backward pass; batches of one shape are
-  scanned over too. With ``axis_name`` (inside ``jax.pmap`` or ``shard_map``,
+  scanned over too. With ``axis_name`` (inside ``jax.pmap`` or ``shard_map(check_vma=False)``,
   each device holding a shard of every batch) each device cuts its shard
   into groups and the mean is taken over the devices (``jax.lax.pmean``):
   with shards of a multiple of ``m`` examples, the number of the whole batch.
@@ -120,7 +121,8 @@ def m_sharpness(
       :func:`sam_optax.asam`).
     batch_argnames: the keys of each batch that hold one row per example
       (split into groups); None: every key. The others are passed whole.
-    axis_name: the mesh axis to average over, inside ``pmap``/``shard_map``.
+    axis_name: the mesh axis to average over, inside ``jax.pmap`` or
+      ``jax.shard_map(..., check_vma=False)``.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     eps: δ, added to the norms in divisions.
 
@@ -145,19 +147,20 @@ def m_sharpness(
     0.105
   """
   function = "m_sharpness"
-  _ascent.check_non_negative("rho", rho, function)
-  _ascent.check_int("m", m, 1, function)
+  _checks.check_non_negative("rho", rho, function)
+  _checks.check_int("m", m, 1, function)
   _check_choice(function, "method", method, _METHODS)
-  _ascent.check_non_negative("eta", eta, function)
-  _ascent.check_positive("eps", eps, function)
-  _ascent.check_axis_name(function, axis_name)
+  _checks.check_non_negative("eta", eta, function)
+  _checks.check_positive("eps", eps, function)
+  _checks.check_axis_name(function, axis_name)
   _common.check_params(function, params)
-  value = _common.scalar_loss(function, loss_fn, has_aux)
-  batch_list = _common.batch_list(function, batches, required=True)
+  value = _loss.scalar_loss(function, loss_fn, has_aux)
+  batch_list = _common.batch_list(function, loss_fn, batches, required=True)
   if mask is not None and not callable(mask):
     _ascent.resolve_mask(function, mask, mask)
 
   def run(params, batch_list, rho):
+    _common.check_manual_axes(function, axis_name, params, batch_list)
     ascent = _ascent.Ascent(params, None, _ascent.resolve_mask(function, mask, params),
                             eps, mean=lambda tree: tree)
 
@@ -174,12 +177,12 @@ def m_sharpness(
     def of_batch(index, batch):
       del index
       groups, num_groups = _groups_of(function, batch, m, batch_argnames)
-      return _ascent.mean_over_groups(lambda group: of_group({**batch, **group}), groups,
+      return _parallel.mean_over_groups(lambda group: of_group({**batch, **group}), groups,
                                       num_groups)
 
     weights = [_groups_of(function, batch, m, batch_argnames)[1] for batch in batch_list]
     sharpness = _common.mean_over_batches(of_batch, batch_list, weights=weights)
-    return _ascent.mean_over_axis(sharpness, axis_name)
+    return _parallel.mean_over_axis(sharpness, axis_name)
 
   return _common.jit_call(run, params, batch_list, rho)
 
@@ -199,7 +202,13 @@ def apgd_checkpoints(num_steps: int) -> list[int]:
 
   ``p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)``,
   checkpoints ``⌈p_j · N⌉`` for ``j ≥ 1`` up to ``N``: the schedule of
-  ``eval_APGD_sharpness`` (``version='default'``), computed the same way.
+  ``eval_APGD_sharpness`` (``version='default'``), computed the same way (in
+  floating point: ``p_4 · 20 = 14.000000000000002`` gives 15).
+
+  Example:
+    >>> from sam_optax import sharpness
+    >>> sharpness.apgd_checkpoints(20)
+    [5, 9, 12, 15, 16, 18, 19, 20]
   """
   p = [0.0, 0.22]
   w = [0, math.ceil(num_steps * 0.22)]
@@ -308,7 +317,7 @@ def _average_case(loss_at, scale, rho, norm, num_samples, key, dtype):
     return loss_at(jax.tree.unflatten(treedef, [rho * c * x for c, x in zip(leaves, noise)]))
 
   zeros = jax.tree.map(jnp.zeros_like, scale)
-  mean = _ascent.mean_over_groups(of_sample, jax.random.split(key, num_samples), num_samples)
+  mean = _parallel.mean_over_groups(of_sample, jax.random.split(key, num_samples), num_samples)
   return mean - loss_at(zeros)
 
 
@@ -325,7 +334,7 @@ def adaptive_sharpness(
     step_size: float | None = None,
     num_samples: int | None = None,
     eta: float = 0.0,
-    mask: _ascent.Mask | None = None,
+    mask: Mask | None = None,
     axis_name: str | None = None,
     has_aux: bool = False,
 ) -> jax.Array:
@@ -359,7 +368,8 @@ def adaptive_sharpness(
   projection onto the ball (clipping to ``±ρc``, or the ellipsoid
   ``‖δ ⊘ c‖₂ ≤ ρ`` by bisection on its Lagrange multiplier), the step size
   ``η_0 = 2ρ`` (``step_size``) halved at APGD's checkpoints
-  (:func:`apgd_checkpoints`: at 5, 9, 12, 14, 16, 18, 19 of 20 steps) when
+  (:func:`apgd_checkpoints`: after steps 5, 9, 12, 15, 16, 18 and 19 of 20,
+  counting from 0) when
   fewer than 75% of the steps since the last checkpoint raised the loss or
   neither the step size nor the best loss changed since; the gradient after
   a halving is taken at the best point so far. The value is the largest loss
@@ -405,9 +415,10 @@ def adaptive_sharpness(
       20).
     eta: η ≥ 0 added to ``|w|``.
     mask: the leaves to perturb (see :func:`sam_optax.sam`); None: all.
-    axis_name: inside ``jax.pmap`` or ``shard_map``, with every batch split
-      over the devices: the mesh axis the losses and gradients are averaged
-      over (equal shards give the numbers of the whole batch).
+    axis_name: inside ``jax.pmap`` or ``jax.shard_map(..., check_vma=False)``,
+      with every batch split over the devices: the mesh axis the losses and
+      gradients are averaged over (equal shards give the numbers of the
+      whole batch).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
@@ -436,7 +447,7 @@ def adaptive_sharpness(
     True
   """
   function = "adaptive_sharpness"
-  _ascent.check_non_negative("rho", rho, function)
+  _checks.check_non_negative("rho", rho, function)
   _check_choice(function, "kind", kind, _KINDS)
   norm = _DEFAULT_NORM[kind] if norm is None else norm
   _check_choice(function, "norm", norm, _NORMS)
@@ -445,13 +456,13 @@ def adaptive_sharpness(
       raise ValueError(
           f"{function}: kind='average' draws random perturbations and needs a key,"
           " e.g. key=jax.random.key(0); got key=None.")
-    for name, given in (("num_steps", num_steps), ("step_size", step_size)):
-      if given is not None:
+    for name, option in (("num_steps", num_steps), ("step_size", step_size)):
+      if option is not None:
         raise ValueError(
             f"{function}: {name} is an option of kind='worst' (the ascent); with"
-            f" kind='average' use num_samples, got {name}={given!r}.")
+            f" kind='average' use num_samples, got {name}={option!r}.")
     num_samples = _DEFAULT_STEPS if num_samples is None else num_samples
-    _ascent.check_int("num_samples", num_samples, 1, function)
+    _checks.check_int("num_samples", num_samples, 1, function)
   else:
     for name, given in (("key", key), ("num_samples", num_samples)):
       if given is not None:
@@ -459,19 +470,20 @@ def adaptive_sharpness(
             f"{function}: {name} is an option of kind='average'; kind='worst'"
             f" ascends from δ = 0 (the authors' default), got {name}={given!r}.")
     num_steps = _DEFAULT_STEPS if num_steps is None else num_steps
-    _ascent.check_int("num_steps", num_steps, 1, function)
+    _checks.check_int("num_steps", num_steps, 1, function)
     if step_size is not None:
-      _ascent.check_positive("step_size", step_size, function)
-  _ascent.check_non_negative("eta", eta, function)
-  _ascent.check_axis_name(function, axis_name)
+      _checks.check_positive("step_size", step_size, function)
+  _checks.check_non_negative("eta", eta, function)
+  _checks.check_axis_name(function, axis_name)
   _common.check_params(function, params)
-  value = _common.scalar_loss(function, loss_fn, has_aux)
-  batch_list = _common.batch_list(function, batches, required=True)
+  value = _loss.scalar_loss(function, loss_fn, has_aux)
+  batch_list = _common.batch_list(function, loss_fn, batches, required=True)
   if mask is not None and not callable(mask):
     _ascent.resolve_mask(function, mask, mask)
   dtype = _common.work_dtype(params)
 
   def run(params, batch_list, rho, step_size, key):
+    _common.check_manual_axes(function, axis_name, params, batch_list)
     resolved = _ascent.resolve_mask(function, mask, params)
     selected = resolved if resolved is not None else jax.tree.map(lambda _: True, params)
     scale = jax.tree.map(
@@ -482,11 +494,11 @@ def adaptive_sharpness(
     def of_batch(index, batch):
       def loss_at(delta):
         loss = value(_shifted(params, delta), **batch)
-        return _ascent.mean_over_axis(jnp.asarray(loss, dtype), axis_name)
+        return _parallel.mean_over_axis(jnp.asarray(loss, dtype), axis_name)
 
       def grad_at(delta):
         grads = jax.grad(value)(_shifted(params, delta), **batch)
-        return _ascent.mean_over_axis(_ascent.cast_like(grads, scale), axis_name)
+        return _parallel.mean_over_axis(_numerics.cast_like(grads, scale), axis_name)
 
       if kind == "worst":
         size = 2.0 * rho if step_size is None else step_size
