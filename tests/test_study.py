@@ -106,8 +106,10 @@ def test_verdict_rows_read_the_claims_right():
 
 def test_arm_table_shows_the_trace_where_runs_have_it_and_a_dash_where_not():
   config = study_config.get_config()
-  arms = [study.Arm("sgd", "clean", "sgd"), study.Arm("sam", "clean", "sam", {"rho": 0.1})]
+  arms = [study.Arm("sgd", "clean", "sgd"), study.Arm("sam", "clean", "sam", {"rho": 0.1}),
+          study.Arm("csam", "clean", "csam")]
   results = _fake_results(arms, (0, 1, 2), lambda name, seed: (0.7, 0.1, 2.0 + seed, 0.01))
+  results["csam"][0].update(hessian_trace=50.0, hessian_trace_stderr=0.1)  # one run of three
   for runs in results.values():
     for run in runs:
       run["reliability_diagram"] = {"bin_count": [10], "bin_confidence": [0.8],
@@ -115,11 +117,12 @@ def test_arm_table_shows_the_trace_where_runs_have_it_and_a_dash_where_not():
   for seed, run in enumerate(results["sam"]):       # recorded after the trace was added
     run.update(hessian_trace=100.0 + 10 * seed, hessian_trace_stderr=0.5 + seed)
   table = study_report.arm_table(results, arms, {})
-  header, _, sgd, sam = table.splitlines()
+  header, _, sgd, sam, csam = table.splitlines()
   columns = [c.strip() for c in header.split("|")]
   trace = columns.index("tr H")
   assert columns[trace - 1] == "λ_max"              # next to λ_max
   assert [c.strip() for c in sgd.split("|")][trace] == study_report.NOT_MEASURED
+  assert [c.strip() for c in csam.split("|")][trace] == study_report.NOT_MEASURED
   assert [c.strip() for c in sam.split("|")][trace] == "110.0 ± 10.0"
   assert [c.strip() for c in sam.split("|")][trace - 1] == "3.00 ± 1.00"
   note = study_report.sharpness_note(config, results)
