@@ -289,7 +289,8 @@ def lanczos_schedule(settings: Settings) -> list[int]:
 
 
 def compare_lanczos_power(settings: Settings, loss_fn, params, batch, starts_count: int,
-                          seed: int = 0, on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
+                          seed: int = 0, on_start: Callable[[int], None] | None = None
+                          ) -> dict[str, Any]:
   """Relative errors of both methods against a long Lanczos run, per random start."""
   s = settings
   starts = []
@@ -355,7 +356,8 @@ def run_task(settings: Settings, name: str, log: Callable[[str], None]) -> dict[
                  "ratio": measure.summary(ratios)})
   log(f"{name}: Lanczos against power iteration")
   comparison = compare_lanczos_power(settings, loss_fn, params, batch,
-                                     settings.starts.get(name, 1), on_start=lambda i: log(f"{name}: start {i + 1} done"))
+                                     settings.starts.get(name, 1),
+                                     on_start=lambda i: log(f"{name}: start {i + 1} done"))
   return {"name": name, "description": task.description, "num_params": task.num_params,
           "batch": batch_size, "rows": rows, "comparison": comparison}
 

@@ -2,8 +2,9 @@
 
 What the papers report: top-1 accuracy, NLL, ECE (15 bins), adaptive ECE, the
 reliability diagram, the top Hessian eigenvalue of the training loss (and, for
-the study, its trace), and the time per step. With several processes each evaluates its own share of the
-split and the rows are gathered (:func:`experiments.distributed.gather_rows`).
+the study, its trace), and the time per step. With several processes each
+evaluates its own share of the split and the rows are gathered
+(:func:`experiments.distributed.gather_rows`).
 """
 
 from __future__ import annotations

@@ -366,7 +366,8 @@ def sharpness_note(study, results: Results) -> str:
     note += f", whose own standard error is at most {error:.2g} over the runs"
   note += (
       f"; m-sharpness: mean over groups of {study.m_sharpness_m} training examples of"
-      f" `L_B(w + ε̂) − L_B(w)` at ρ = {study.m_sharpness_rho:g} (one normalized ascent step).")
+      f" `L_B(w + ε̂) − L_B(w)` at ρ = {study.m_sharpness_rho:g} (one normalized ascent"
+      " step).")
   if any(not measured(results, arm, key) for arm in results for key in _ADDED_LATER):
     note += "\n\n" + NOT_MEASURED_NOTE
   return note
