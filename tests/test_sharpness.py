@@ -465,7 +465,7 @@ def test_axis_name_inside_shard_map_equals_the_whole_batch(problem, mesh, top3, 
     worst = sharpness.adaptive_sharpness(loss_fn, params, batch, rho=0.05, axis_name="data")
     return top.eigenvalues, trace.trace, m, worst
 
-  with jax.enable_x64(True):
+  with jax.enable_x64(True):  # under jax.jit: params, batches and keys are tracers
     top, trace, m, worst = jax.jit(jax.shard_map(
         per_device, mesh=mesh, in_specs=(P(), P("data")), out_specs=P(), check_vma=False))(
             params, batch)
@@ -488,7 +488,7 @@ def test_shard_map_with_check_vma_is_refused(mesh):
 
 
 # --------------------------------------------------------------------------
-# bf16, jit, the optional dependency, bad input.
+# bf16, the optional dependency, bad input.
 # --------------------------------------------------------------------------
 
 
@@ -507,13 +507,6 @@ def test_bf16_params_give_float32_results_close_to_float32():
   features = np.hstack([np.asarray(as32[1]["x"], np.float64), np.ones((64, 1))])
   np.testing.assert_allclose(want.eigenvalues[0], np.linalg.eigvalsh(features.T @ features / 64)[-1],
                              rtol=1e-5)
-
-
-def test_jit_with_static_options(problem, trace100):
-  params, batch = problem["params"], problem["batch"]
-  fn = jax.jit(lambda p, b, key: sharpness.hessian_trace(loss_fn, p, b, key=key, num_samples=100))
-  got = fn(params, batch, jax.random.key(2))
-  np.testing.assert_allclose(got.trace, trace100.trace, rtol=1e-10)
 
 
 def test_a_missing_matfree_names_the_extra(monkeypatch):
@@ -552,6 +545,9 @@ def test_a_missing_matfree_names_the_extra(monkeypatch):
      "num_samples must be an int >= 2"),
     (lambda p, b: sharpness.hessian_spectral_density(loss_fn, p, b, key=jax.random.key(0),
                                                      sigma=-1.0), "sigma must be finite and > 0"),
+    (lambda p, b: sharpness.hessian_spectral_density(loss_fn, p, b, key=jax.random.key(0),
+                                                     grid=np.linspace(1, 0, 5)),
+     "grid must be strictly increasing"),
     (lambda p, b: sharpness.m_sharpness(loss_fn, p, b, rho=-0.1, m=4), "rho must be finite and >= 0"),
     (lambda p, b: sharpness.m_sharpness(loss_fn, p, b, rho=0.1, m=5),
      r"m=5 must divide the leading \(example\) dimension .* batch\['x'\] has shape \(32, 6\)"),

@@ -7,7 +7,9 @@ possibly sharded with ``NamedSharding``) and ``batches``: None
 iterable of them (the quantity is then that of the mean loss over the
 batches, or the mean over the batches of a per-batch quantity, as each
 function says). Every function is pure and can be called under ``jax.jit``
-(its integer and string options are static); with ``axis_name`` it runs
+(its integer and string options are static; called eagerly, each call
+compiles its program once, so wrap repeated measurements in your own
+``jax.jit`` to compile them once); with ``axis_name`` it runs
 inside ``jax.pmap`` or ``jax.shard_map(..., check_vma=False)`` on per-device
 shards of the batches (``check_vma=True`` is refused: JAX would already sum
 the gradients over the axis).

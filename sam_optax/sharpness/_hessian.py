@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from sam_optax import _checks, _loss
@@ -410,6 +411,8 @@ def hessian_spectral_density(
     if len(shape) != 1 or shape[0] < 2:
       raise ValueError(
           f"{function}: grid must be a 1-D array of at least 2 points, got shape {shape}.")
+    if not isinstance(grid, jax.core.Tracer) and not bool(np.all(np.diff(np.asarray(grid)) > 0)):
+      raise ValueError(f"{function}: grid must be strictly increasing, got grid={grid!r}.")
   batch_list = _common.batch_list(function, loss_fn, batches)
   matfree = _common.import_matfree(function)
 
