@@ -179,6 +179,12 @@ ROWS = [
     Row("msam", lambda problem, perturbation=None, **kw: sam_optax.msam(
         optax.identity(), **{"rho": RHO, "perturbation": perturbation, **kw}),
         per_device=False),
+    Row("gcsam", _method(sam_optax.gcsam, rho=RHO)),
+    # The whole optimizer around an identity base; λ = 0 with ρ = 0 is the
+    # gradient at w (both gradients take the current batch without
+    # previous_args); it refuses the per-device options.
+    Row("sampa", _method(sam_optax.sampa, base_optimizer=optax.identity(), rho=RHO, lam=0.2),
+        zero={"lam": 0.0}, per_device=False),
     Row("interval_sam", _method(sam_optax.interval_sam, rho=0.1, k=2)),
     # Seed 3 draws a perturbed step 0 (the per-device test looks at step 0).
     Row("stochastic_sam", _method(sam_optax.stochastic_sam, rho=0.1, p=0.5, seed=3)),
@@ -500,7 +506,7 @@ WITH_RADII = [(row.name, radius) for row in ROWS for radius in row.radii]
 def test_bad_radius(name, radius, value):
   # The wrappers of sam report the error as sam's.
   method = name if name in ("asam", "gsam", "bsam", "csam", "esam", "looksam", "vasso",
-                                "wsam_decoupled") else "sam"
+                                "wsam_decoupled", "gcsam", "sampa") else "sam"
   with pytest.raises(ValueError, match=rf"{method}: {radius} must be finite and >= 0, got {radius}="):
     ROWS_BY_NAME[name].build(**{radius: value})
 
@@ -509,6 +515,7 @@ def test_bad_radius(name, radius, value):
 @pytest.mark.parametrize("name", [row.name for row in ROWS if row.eps])
 def test_eps_must_be_positive(name, value):
   method = name if name in ("asam", "gsam", "bsam", "csam", "esam", "looksam",
-                            "stable_sam", "vasso", "wsam_decoupled") else "sam"
+                            "stable_sam", "vasso", "wsam_decoupled", "gcsam",
+                            "sampa") else "sam"
   with pytest.raises(ValueError, match=rf"{method}: eps must be finite and > 0, got eps="):
     ROWS_BY_NAME[name].build(eps=value)
