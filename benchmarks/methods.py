@@ -364,9 +364,24 @@ def _standard_program(task, tx, axis_name=None):
   return training_program(task, tx, axis_name, mean_gradient=False)
 
 
+def sampa_program(task: Task, tx: optax.GradientTransformation,
+                  axis_name: str | None = None) -> Program:
+  """SAMPa's step: a forward pass for the loss and statistics (no gradient at
+  ``w``), the params in place of a gradient; its two gradients are in ``tx``."""
+
+  def step(state, batch):
+    params, batch_stats, opt_state = state
+    loss, (new_stats, _) = task.loss_fn(params, batch=batch, batch_stats=batch_stats)
+    updates, opt_state = tx.update(params, opt_state, params, batch=batch,
+                                   batch_stats=batch_stats)
+    return _finish(params, updates, new_stats, opt_state, loss, axis_name)
+
+  return Program(_initial_state(task, tx), step)
+
+
 # The step program of each kind of registry step (registry.Step.name).
 PROGRAMS = {"standard": _standard_program, "saf": saf_program, "mesa": mesa_program,
-            "esam": esam_program}
+            "esam": esam_program, "sampa": sampa_program}
 
 # Phases of a method that takes its SAM step when ``count % k == 0``: the SAM
 # step (weight 1/k), XLA's count of the costliest branch, and the step after
@@ -438,7 +453,10 @@ def registry_program(method: registry.Method, hparams: dict[str, Any],
 
   def build(task: Task, axis_name: str | None = None) -> Program:
     context = _context(task, axis_name, steps_per_epoch)
-    tx = optax.chain(registry.build(method, context, hparams), base_optimizer())
+    if method.wraps_base:
+      tx = registry.build(method, context, hparams, base=base_optimizer())
+    else:
+      tx = optax.chain(registry.build(method, context, hparams), base_optimizer())
     return PROGRAMS[method.step.name](task, tx, axis_name)
 
   return build

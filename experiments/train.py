@@ -144,6 +144,10 @@ def make_train_step(loss_fns: LossFns, method: methods.Method, predict,
       new_batch_stats = jax.tree.map(lambda x: x.mean(0), stacked_stats)
       logits, losses = (x.reshape((-1,) + x.shape[2:]) for x in (logits, losses))
       loss = loss.mean()
+    elif step is methods.SAMPA:  # it takes no gradient at w: a forward pass only
+      _, (new_batch_stats, logits, loss, losses) = objective(
+          state.params, target=target, **loss_args)
+      grads = state.params
     else:
       (_, (new_batch_stats, logits, loss, losses)), grads = jax.value_and_grad(
           objective, has_aux=True)(state.params, target=target, **loss_args)
@@ -234,7 +238,7 @@ def _kernels(params):
 def make_optimizer(config, method: methods.Method, context: methods.Context):
   """``(optax.chain(method, [clip], weight decay, base), hparams)`` for this run."""
   hparams = methods.hparams_for(method.name, config.hparams.get(method.name, {}))
-  transform = methods.build(method, context, hparams)
+  transform = None if method.wraps_base else methods.build(method, context, hparams)
   parts = [] if transform is None else [transform]
   if config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
@@ -246,6 +250,8 @@ def make_optimizer(config, method: methods.Method, context: methods.Context):
   else:
     parts.append(optax.adamw(context.lr_schedule, b1=config.b1, b2=config.b2,
                              weight_decay=config.weight_decay, mask=_kernels))
+  if method.wraps_base:  # SAMPa: the whole optimizer around the base
+    return methods.build(method, context, hparams, base=optax.chain(*parts)), hparams
   return optax.chain(*parts), hparams
 
 

@@ -48,6 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.paper = ml_collections.ConfigDict({
       "sam_rho": 0.05, "csam_rho": 0.05, "csam_gamma": 1.0, "bsam_rho": 0.05,
       "saf_lam": 0.3, "mesa_lam": 0.8, "mesa_decay": 0.9998,
+      # SAMPa: LIONS-EPFL/SAMPa train.py's defaults; GCSAM: the authors' code.
+      "sampa_rho": 0.1, "sampa_lam": 0.2, "gcsam_rho": 0.05,
   })
   # Tuning grids (clean regime; chosen by test accuracy on tuning_data_seed).
   config.grids = ml_collections.ConfigDict({
