@@ -87,7 +87,16 @@ def _two_gradients(method: str, loss_fn, has_aux: bool, extra_args: Mapping[str,
   gradient = lambda point, args: jax.grad(value)(point, **args)
   vmapped = jax.vmap(gradient)
   if placement is None:
-    return lambda points: vmapped(points, stacked_args)
+    # Two plain gradient calls: XLA's partitioner splits a vmapped pair of
+    # batch-sharded convolutions badly under a sharded jit (benchmarks/SAMPA.md).
+    first_args, second_args = {**arguments, **previous}, arguments
+
+    def sequential(points):
+      first = gradient(jax.tree.map(lambda x: x[0], points), first_args)
+      second = gradient(jax.tree.map(lambda x: x[1], points), second_args)
+      return jax.tree.map(lambda a, b: jnp.stack([a, b]), first, second)
+
+    return sequential
 
   from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
   pair, data = placement.pair_axis, placement.data_axis
@@ -223,10 +232,9 @@ def sampa(
   previous_batch}``, the previous step's; omitted, the current ones: both
   gradients then take the current batch, a variant of the code).
 
-  **Parallel form.** The two gradients are one ``jax.vmap`` over a stacked
-  axis of size 2 (points and batches). With
-  ``perturbation=sam_optax.TwoGroups(mesh)`` that axis is placed on the
-  mesh's ``pair`` axis by ``shard_map``, the batch over its ``data`` axis:
+  **Parallel form.** With ``perturbation=sam_optax.TwoGroups(mesh)`` the
+  two gradients are one ``jax.vmap`` over a stacked axis of size 2 (points
+  and batches), placed on the mesh's ``pair`` axis by ``shard_map``, the batch over its ``data`` axis:
   the two gradients run at the same time on two device groups, followed by
   one all-reduce that gives every device both (the numbers of the
   sequential form up to float rounding). ``sam_optax.Synced(axis_name)``
