@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
-from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax import _ascent, _checks, _numerics
+from sam_optax._ascent import Mask
+from sam_optax._checks import Radius
+from sam_optax._loss import LossFn
 from sam_optax._parallel import Perturbation
 
 
@@ -41,7 +43,7 @@ def gcsam(
     has_aux: bool = False,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Gradient-centralized SAM (GCSAM, Hassan, Vakanski, Zhang & Xian, 2025, arXiv:2501.11584).
 
@@ -108,11 +110,11 @@ def gcsam(
   if isinstance(output_axis, bool) or not isinstance(output_axis, int):
     raise TypeError(
         f"{method}: output_axis must be a Python int, got {output_axis!r}."
-        + (_ascent.static_args_hint(method, "output_axis")
+        + (_checks.static_args_hint(method, "output_axis")
            if isinstance(output_axis, jax.Array) else ""))
 
   def rule(grads, state, ascent, *, rho):
-    scale = _ascent.divide_by_norm(rho, ascent.restrict(grads), ascent.eps)
+    scale = _numerics.divide_by_norm(rho, ascent.restrict(grads), ascent.eps)
     return ascent.gradient_at(centralized(grads, output_axis), scale), state
 
   return _ascent.transformation(

@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent, _parallel
-from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax import _ascent, _checks, _loss, _numerics, _parallel
+from sam_optax._ascent import Mask
+from sam_optax._checks import Radius
+from sam_optax._loss import LossFn
 from sam_optax._parallel import Perturbation
 
 PREVIOUS_ARGS = "previous_args"
@@ -33,22 +35,22 @@ class SAMPaState(NamedTuple):
   base: optax.OptState
 
 
-def _stack(method: str, first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any]:
-  """``{name: stack(first[name], second[name])}``, leafwise on a new axis 0."""
+def _check_same_shapes(method: str, first: Mapping[str, Any], second: Mapping[str, Any]):
+  """The previous and current loss arguments have the same structure, shapes, dtypes."""
 
-  def stack(path, a, b):
-    a, b = jnp.asarray(a), jnp.asarray(b)
-    if a.shape != b.shape or a.dtype != b.dtype:
+  def check(path, a, b):
+    a_shape, b_shape = jnp.shape(a), jnp.shape(b)
+    a_type, b_type = jnp.result_type(a), jnp.result_type(b)
+    if a_shape != b_shape or a_type != b_type:
       raise ValueError(
-          f"{method}: {PREVIOUS_ARGS}{jax.tree_util.keystr(path)} has shape {a.shape} and"
-          f" dtype {a.dtype}, but the current argument has {b.shape}, {b.dtype}: the"
-          " two gradients of a step are computed by one vmap, so the previous and"
-          " the current batch must have the same shapes (drop the last, smaller"
+          f"{method}: {PREVIOUS_ARGS}{jax.tree_util.keystr(path)} has shape {a_shape} and"
+          f" dtype {a_type}, but the current argument has {b_shape}, {b_type}: the two"
+          " gradients of a step run side by side (TwoGroups: one vmap), so the previous"
+          " and the current batch must have the same shapes (drop the last, smaller"
           " batch of an epoch).")
-    return jnp.stack([a, b])
 
   try:
-    return jax.tree_util.tree_map_with_path(stack, dict(first), dict(second))
+    jax.tree_util.tree_map_with_path(check, dict(first), dict(second))
   except ValueError as error:
     if method in str(error):
       raise
@@ -61,13 +63,13 @@ def _two_gradients(method: str, loss_fn, has_aux: bool, extra_args: Mapping[str,
                    placement: _parallel.TwoGroups | None):
   """``points ↦ [∇L(points[0]; previous args), ∇L(points[1]; current args)]``.
 
-  One ``jax.vmap`` over the stacked axis; with ``placement`` that axis is
-  the mesh's pair axis, under ``shard_map``, and one ``psum`` gives every
-  device both gradients.
+  Two gradient calls; with ``placement`` one ``jax.vmap``-ed gradient whose
+  two slots are the mesh's pair axis under ``shard_map`` (each group selects
+  its point and batch), and one ``psum`` gives every device both gradients.
   """
   current = {k: v for k, v in extra_args.items() if k != PREVIOUS_ARGS}
-  loss_fn = _ascent.resolve_loss_fn(method, loss_fn, current)
-  arguments = _ascent.loss_arguments(method, "loss_fn", loss_fn, current)
+  loss_fn = _loss.resolve_loss_fn(method, loss_fn, current)
+  arguments = _loss.loss_arguments(method, "loss_fn", loss_fn, current)
   previous = extra_args.get(PREVIOUS_ARGS)
   if previous is None:
     previous = {}
@@ -82,15 +84,14 @@ def _two_gradients(method: str, loss_fn, has_aux: bool, extra_args: Mapping[str,
         f"{method}: {PREVIOUS_ARGS} has {unknown}, which are not among the loss"
         f" arguments given to update() ({sorted(arguments)}); it overrides some of"
         " them for the gradient at the perturbed point.")
-  stacked_args = _stack(method, {**arguments, **previous}, arguments)
-  value = _ascent.scalar_loss(method, loss_fn, has_aux)
+  first_args, second_args = {**arguments, **previous}, arguments
+  _check_same_shapes(method, first_args, second_args)
+  value = _loss.scalar_loss(method, loss_fn, has_aux)
   gradient = lambda point, args: jax.grad(value)(point, **args)
-  vmapped = jax.vmap(gradient)
   if placement is None:
-    # Two plain gradient calls: XLA's partitioner splits a vmapped pair of
-    # batch-sharded convolutions badly under a sharded jit (benchmarks/SAMPA.md).
-    first_args, second_args = {**arguments, **previous}, arguments
-
+    # Two plain gradient calls: under a sharded jit XLA's partitioner splits a
+    # vmapped pair of batch-sharded convolutions into all-gathers and 5x the
+    # flops per device (measured, benchmarks/sampa.py).
     def sequential(points):
       first = gradient(jax.tree.map(lambda x: x[0], points), first_args)
       second = gradient(jax.tree.map(lambda x: x[1], points), second_args)
@@ -108,17 +109,25 @@ def _two_gradients(method: str, loss_fn, has_aux: bool, extra_args: Mapping[str,
         f"{method}: TwoGroups(batch_argnames={list(placement.batch_argnames)}) shards"
         f" these arguments over {data!r}, but update() got no {missing}; it got"
         f" {sorted(arguments)}.")
+  # The batches enter as they are (sharded over the data axis, the same in both
+  # groups): stacking them first would cost all-to-alls to reshard.
   args_specs = {name: jax.tree.map(
-      lambda leaf, batch=name in batch_names: P(pair, data) if batch and data else P(pair),
-      leaf) for name, leaf in stacked_args.items()}
+      lambda leaf, batch=name in batch_names: P(data) if batch and data else P(), leaf)
+      for name, leaf in second_args.items()}
 
-  def local(points, args):
+  def local(perturbed, auxiliary, previous_args, current_args):
+    index = jax.lax.axis_index(pair)
+    # Group 0: w̃ on the previous batch; group 1: ỹ on the current one. Both
+    # enter replicated (the batches sharded over the data axis) and each group
+    # selects its own: stacking them outside costs XLA all-to-alls to reshard.
+    point, args = jax.lax.cond(index == 0, lambda: (perturbed, previous_args),
+                               lambda: (auxiliary, current_args))
+    points, args = jax.tree.map(lambda x: x[None], (point, args))  # this group's slot
     if data is not None:
       # Varying over the data axis, so that the gradient is this shard's (not
       # summed over the group by shard_map's transpose): one psum below.
       points = jax.tree.map(lambda x: jax.lax.pcast(x, (data,), to="varying"), points)
-    grads = vmapped(points, args)  # this group's gradient on this shard: [1, ...]
-    index = jax.lax.axis_index(pair)
+    grads = jax.vmap(gradient)(points, args)  # this group's, this shard's: [1, ...]
     # Both gradients everywhere, in one all-reduce: this group's in its slot.
     padded = jax.tree.map(
         lambda g: jnp.where(jnp.arange(2).reshape((2,) + (1,) * (g.ndim - 1)) == index,
@@ -127,10 +136,13 @@ def _two_gradients(method: str, loss_fn, has_aux: bool, extra_args: Mapping[str,
     return jax.tree.map(lambda g: jax.lax.psum(g, axes) / groups, padded)
 
   def placed(points):
+    perturbed, auxiliary = (jax.tree.map(lambda x, i=i: x[i], points) for i in (0, 1))
+    replicated = jax.tree.map(lambda _: P(), perturbed)
     return jax.shard_map(
         local, mesh=placement.mesh,
-        in_specs=(jax.tree.map(lambda _: P(pair), points), args_specs),
-        out_specs=jax.tree.map(lambda _: P(), points))(points, stacked_args)
+        in_specs=(replicated, replicated, args_specs, args_specs),
+        out_specs=jax.tree.map(lambda _: P(), points))(
+            perturbed, auxiliary, first_args, second_args)
 
   return placed
 
@@ -144,7 +156,7 @@ def sampa(
     has_aux: bool = False,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""SAMPa: SAM parallelized (Xie et al., NeurIPS 2024, arXiv:2410.10683).
 
@@ -233,8 +245,10 @@ def sampa(
   gradients then take the current batch, a variant of the code).
 
   **Parallel form.** With ``perturbation=sam_optax.TwoGroups(mesh)`` the
-  two gradients are one ``jax.vmap`` over a stacked axis of size 2 (points
-  and batches), placed on the mesh's ``pair`` axis by ``shard_map``, the batch over its ``data`` axis:
+  two gradients are one ``jax.vmap``-ed gradient over a stacked axis of
+  size 2 (``[w̃, ỹ]`` with their batches) whose two slots ``shard_map``
+  places on the mesh's ``pair`` axis (each group selects its point and
+  batch from replicated inputs, so nothing is resharded), the batch over its ``data`` axis:
   the two gradients run at the same time on two device groups, followed by
   one all-reduce that gives every device both (the numbers of the
   sequential form up to float rounding). ``sam_optax.Synced(axis_name)``
@@ -282,12 +296,12 @@ def sampa(
     3
   """
   method = "sampa"
-  base = _ascent.check_base(method, base_optimizer)
-  _ascent.check_in_range("lam", lam, 0.0, 1.0, method)
+  base = _checks.check_base(method, base_optimizer)
+  _checks.check_in_range("lam", lam, 0.0, 1.0, method)
   placement = perturbation if isinstance(perturbation, _parallel.TwoGroups) else None
   if placement is not None:
     perturbation = None
-  _ascent.check_callable("loss_fn", loss_fn, method)
+  _checks.check_callable("loss_fn", loss_fn, method)
 
   def init(params: optax.Params) -> SAMPaState:
     return SAMPaState(count=jnp.zeros([], jnp.int32),
@@ -297,18 +311,18 @@ def sampa(
   def rule(grads, state, ascent, *, rho):
     del grads  # SAMPa never uses ∇L(w)
     params, y = ascent.params, state.auxiliary_grads
-    perturbed = _ascent.ascent_point(params, ascent.normalized(y), rho)
+    perturbed = _numerics.ascent_point(params, ascent.normalized(y), rho)
     lookahead, _ = base.update(y, state.base, params)
     started = (state.count > 0).astype(jnp.float32)  # ỹ = w at the first step
-    auxiliary = _ascent.ascent_point(params, lookahead, started)
+    auxiliary = _numerics.ascent_point(params, lookahead, started)
     points = jax.tree.map(lambda a, b: jnp.stack([a, b]), perturbed, auxiliary)
     stacked = ascent.gradient_fn(points)
     perturbed_grads = jax.tree.map(lambda g: g[0], stacked)
     auxiliary_grads = jax.tree.map(lambda g: g[1], stacked)
-    surrogate = _ascent.linear_combination(1.0 - lam, perturbed_grads, lam, auxiliary_grads,
+    surrogate = _numerics.linear_combination(1.0 - lam, perturbed_grads, lam, auxiliary_grads,
                                            like=params)
     return surrogate, state._replace(
-        auxiliary_grads=_ascent.cast_like(auxiliary_grads, state.auxiliary_grads))
+        auxiliary_grads=_numerics.cast_like(auxiliary_grads, state.auxiliary_grads))
 
   unsupported = {kind: (
       "SAMPa's ascent direction is the stored gradient of the previous step's"

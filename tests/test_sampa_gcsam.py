@@ -286,19 +286,27 @@ def test_sampa_rejects_a_phase():
 def test_centralization_maps_pytorch_layout_to_flax():
   """Flax ``Conv`` ``[kh, kw, in, out]`` and ``Dense`` ``[in, out]`` kernels:
   the mean over every axis but the last, PyTorch's ``dim=(1, 2, 3)`` on
-  ``[out, in, kh, kw]``; biases unchanged."""
+  ``[out, in, kh, kw]``; biases unchanged. Read through the public
+  transform: with ``L(w) = ½‖w‖²`` at ``w = 0``, ``g̃ = ŵ = ε = ρ C(g) / (‖g‖ + δ)``
+  for the gradient ``g`` given."""
   rng = np.random.default_rng(0)
   tree = {"conv": rng.normal(size=(3, 3, 2, 5)), "dense": rng.normal(size=(4, 6)),
           "bias": rng.normal(size=(6,))}
-  got = jax.tree.map(np.asarray, sam_optax._gcsam.centralized(  # pylint: disable=protected-access
-      to_jax(tree)))
-  want = jax.tree.map(centralized_torch_layout, tree)
-  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(got["conv"].mean(axis=(0, 1, 2)), 0.0, atol=1e-6)
-  np.testing.assert_array_equal(got["bias"], np.float32(tree["bias"]))
+  tree = ref.as_float64(to_numpy(to_jax(tree)))  # float32-representable
+  half_square = lambda w: 0.5 * sum(jnp.sum(x * x) for x in jax.tree.leaves(w))
+  zeros = jax.tree.map(jnp.zeros_like, to_jax(tree))
+
+  def epsilon(output_axis=-1):
+    tx = sam_optax.gcsam(RHO, loss_fn=half_square, output_axis=output_axis)
+    return to_numpy(tx.update(to_jax(tree), tx.init(zeros), zeros)[0])
+
+  got = epsilon()
+  want = ref.scale(RHO / (ref.norm(tree) + 1e-12), ref.tree_map(centralized_torch_layout, tree))
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got["conv"].mean(axis=(0, 1, 2)), 0.0, atol=1e-7)
+  np.testing.assert_allclose(got["bias"], RHO * tree["bias"] / ref.norm(tree), rtol=1e-5)
   # The first axis as output (PyTorch's own layout) is a different centralization.
-  other = sam_optax._gcsam.centralized(to_jax(tree), output_axis=0)  # pylint: disable=protected-access
-  assert float(jnp.max(jnp.abs(other["dense"] - got["dense"]))) > 1e-2
+  assert np.max(np.abs(epsilon(output_axis=0)["dense"] - got["dense"])) > 1e-3
 
 
 @pytest.mark.parametrize("name, masked", [("logistic", False), ("mlp", False), ("mlp", True)])
