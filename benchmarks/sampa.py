@@ -178,6 +178,21 @@ def main() -> int:
       "",
       f"Parameters: {task.num_params:,} ({task.param_bytes / 1e6:.2f} MB in float32).",
       "",
+      "Reading the table: SAMPa computes two gradients per step in total (the"
+      " sequential form's flops per device are SAM's, and so is the parallel form's"
+      " total over its 8 devices), but with `TwoGroups` each device computes one of"
+      " them on its quarter of the batch, as SGD does on one group of 4: its flops per"
+      " device are within the 1.05× bound of SGD on one group (the rest is the"
+      " elementwise look-ahead, normalization and combination). Its only collective is"
+      " one all-reduce over the 8 devices of the two gradients, zero-padded into a pair"
+      " (2 × the parameters' bytes; SGD's is 35 all-reduces of 1 × within a group). Two"
+      " forms measured on the way and rejected: stacking the two points and batches"
+      " before `shard_map` cost XLA 186 all-to-alls (2.1 MB) to reshard them, and the"
+      " sequential form as one `vmap` over the pair of batch-sharded convolutions under a"
+      " sharded `jit` was partitioned into 66 all-gathers and 5.2× SGD's flops per device"
+      " (on a narrower ResNet); both are gone (each group selects its point and batch;"
+      " the sequential form is two gradient calls).",
+      "",
       "## Wall time on this CPU (interleaved)",
       "",
       f"Median seconds per step over {args.rounds} rounds of {args.window} steps each,"

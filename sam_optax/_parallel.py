@@ -241,9 +241,9 @@ class TwoGroups:
 
   :func:`sam_optax.sampa` computes the two gradients of a step, at the
   perturbed point ``w̃`` (on the previous batch) and at the auxiliary point
-  ``ỹ`` (on the current batch), one ``jax.vmap``-ed gradient over a
-  stacked axis of size 2. With this option the two slots of that axis are
-  placed on the ``pair_axis`` of ``mesh`` (size 2) by ``shard_map``: group 0
+  ``ỹ`` (on the current batch): a pair, a stacked axis of size 2. With
+  this option ``shard_map`` maps that axis over the ``pair_axis`` of
+  ``mesh`` (size 2), one slot per group of devices: group 0
   computes ``∇L(w̃)`` on the previous batch, group 1 ``∇L(ỹ)`` on the
   current one (both batches enter sharded over ``data_axis``, the same in
   the two groups; each group selects its point and batch, so nothing is

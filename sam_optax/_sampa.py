@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -35,6 +36,15 @@ class SAMPaState(NamedTuple):
   base: optax.OptState
 
 
+def _select(first: jax.Array, a: Any, b: Any) -> Any:
+  """``a`` if ``first`` else ``b``, branch-free (a PRNG key through its data)."""
+  if jax.dtypes.issubdtype(jnp.result_type(a), jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(
+        jnp.where(first, jax.random.key_data(a), jax.random.key_data(b)),
+        impl=jax.random.key_impl(a))
+  return jnp.where(first, a, b)
+
+
 def _check_same_shapes(method: str, first: Mapping[str, Any], second: Mapping[str, Any]):
   """The previous and current loss arguments have the same structure, shapes, dtypes."""
 
@@ -63,9 +73,9 @@ def _two_gradients(method: str, loss_fn, has_aux: bool, extra_args: Mapping[str,
                    placement: _parallel.TwoGroups | None):
   """``points ↦ [∇L(points[0]; previous args), ∇L(points[1]; current args)]``.
 
-  Two gradient calls; with ``placement`` one ``jax.vmap``-ed gradient whose
-  two slots are the mesh's pair axis under ``shard_map`` (each group selects
-  its point and batch), and one ``psum`` gives every device both gradients.
+  Two gradient calls; with ``placement`` the pair is mapped by
+  ``shard_map`` over the mesh's pair axis (each group selects its point and
+  batch and takes one gradient), and one ``psum`` gives every device both.
   """
   current = {k: v for k, v in extra_args.items() if k != PREVIOUS_ARGS}
   loss_fn = _loss.resolve_loss_fn(method, loss_fn, current)
@@ -120,14 +130,14 @@ def _two_gradients(method: str, loss_fn, has_aux: bool, extra_args: Mapping[str,
     # Group 0: w̃ on the previous batch; group 1: ỹ on the current one. Both
     # enter replicated (the batches sharded over the data axis) and each group
     # selects its own: stacking them outside costs XLA all-to-alls to reshard.
-    point, args = jax.lax.cond(index == 0, lambda: (perturbed, previous_args),
-                               lambda: (auxiliary, current_args))
-    points, args = jax.tree.map(lambda x: x[None], (point, args))  # this group's slot
+    point, args = jax.tree.map(functools.partial(_select, index == 0),
+                               (perturbed, previous_args), (auxiliary, current_args))
     if data is not None:
       # Varying over the data axis, so that the gradient is this shard's (not
       # summed over the group by shard_map's transpose): one psum below.
-      points = jax.tree.map(lambda x: jax.lax.pcast(x, (data,), to="varying"), points)
-    grads = jax.vmap(gradient)(points, args)  # this group's, this shard's: [1, ...]
+      point = jax.tree.map(lambda x: jax.lax.pcast(x, (data,), to="varying"), point)
+    # This group's slot of the pair: its gradient on its shard, [1, ...].
+    grads = jax.tree.map(lambda g: g[None], gradient(point, args))
     # Both gradients everywhere, in one all-reduce: this group's in its slot.
     padded = jax.tree.map(
         lambda g: jnp.where(jnp.arange(2).reshape((2,) + (1,) * (g.ndim - 1)) == index,
@@ -245,10 +255,11 @@ def sampa(
   gradients then take the current batch, a variant of the code).
 
   **Parallel form.** With ``perturbation=sam_optax.TwoGroups(mesh)`` the
-  two gradients are one ``jax.vmap``-ed gradient over a stacked axis of
-  size 2 (``[w̃, ỹ]`` with their batches) whose two slots ``shard_map``
-  places on the mesh's ``pair`` axis (each group selects its point and
-  batch from replicated inputs, so nothing is resharded), the batch over its ``data`` axis:
+  pair ``[w̃, ỹ]`` with their batches is a stacked axis of size 2 that
+  ``shard_map`` maps over the mesh's ``pair`` axis, one slot per group
+  (each group selects its point and batch from replicated inputs, so
+  nothing is resharded; a ``jax.vmap`` over a slot of size 1 was measured
+  slower on XLA:CPU, so each group takes its plain gradient), the batch over its ``data`` axis:
   the two gradients run at the same time on two device groups, followed by
   one all-reduce that gives every device both (the numbers of the
   sequential form up to float rounding). ``sam_optax.Synced(axis_name)``

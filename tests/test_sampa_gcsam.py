@@ -219,6 +219,31 @@ def test_two_groups_on_a_2x4_mesh_equals_the_sequential_form():
   assert hlo.count("all-reduce-start") + hlo.count(" all-reduce(") >= 1
 
 
+def test_two_groups_passes_keys_and_other_arguments():
+  """A PRNG key and a replicated argument next to the batch (one step)."""
+  problem = PROBLEMS["logistic"]
+  mesh = _two_by_four()
+
+  def loss_fn(params, batch, rng, scale):
+    del rng  # the trainer's dropout key; unused by this model
+    return scale * problem.loss_fn(params, batch=batch)
+
+  def one_step(perturbation):
+    tx = sam_optax.sampa(pytorch_sgd(), RHO, loss_fn=loss_fn, perturbation=perturbation)
+    params = problem.params
+    state = tx.init(params)
+    for t in range(2):
+      updates, state = jax.jit(tx.update)(
+          params, state, params, batch=problem.batch(t), rng=jax.random.key(t),
+          scale=jnp.float32(2.0), previous_args={"batch": problem.batch(max(t - 1, 0)),
+                                                 "rng": jax.random.key(7)})
+      params = optax.apply_updates(params, updates)
+    return params
+
+  chex.assert_trees_all_close(one_step(sam_optax.TwoGroups(mesh)), one_step(None),
+                              rtol=1e-5, atol=1e-6)
+
+
 def test_synced_under_pmap_equals_the_step_on_the_global_batch():
   problem = PROBLEMS["logistic"]
   tx = sam_optax.sampa(pytorch_sgd(), RHO, loss_fn=problem.loss_fn,
