@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 
 import sam_optax
-from sam_optax._ascent import mean_over_axis
+from sam_optax._parallel import mean_over_axis
 from benchmarks.tasks import Batch, Task
 from experiments import methods as registry
 
