@@ -16,6 +16,9 @@ import numpy as np
 
 DEVICES = 8
 AXIS = "data"
+# The programs here are compiled once to run a few steps of a tiny model:
+# LLVM's optimizations would cost a quarter of the test's time and save none.
+QUICK_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def check_device_count(devices: int = DEVICES) -> None:
@@ -85,7 +88,8 @@ def train_on_devices(step: Callable[..., tuple[Any, Any]], params: Any, state: A
   devices_axis = jax.sharding.PartitionSpec(axis_name)
   run = jax.jit(jax.shard_map(
       on_one_device, mesh=mesh, out_specs=devices_axis, check_vma=False,
-      in_specs=(devices_axis, devices_axis, jax.sharding.PartitionSpec(None, axis_name))))
+      in_specs=(devices_axis, devices_axis, jax.sharding.PartitionSpec(None, axis_name))),
+      compiler_options=QUICK_COMPILE)
   history, state = jax.device_get(run(replicate(params, devices), replicate(state, devices),
                                       stacked))
   return [jax.tree.map(lambda x, t=t: x[:, t], history) for t in range(len(batches))], state

@@ -230,7 +230,7 @@ def one_device_runs(name: str) -> dict[str, tuple[Any, Any]]:
              for key in row.accepted() if key not in row.no_reference}
   txs = {key: row.optimizer(option) for key, option in options.items()}
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=devices.QUICK_COMPILE)
   def train(batches):
     def one_step(runs, batch):
       return {key: _step(row, tx, None)(*runs[key], batch) for key, tx in txs.items()}, None
