@@ -6,8 +6,9 @@ must build it from values that are the same on every device, or the replicas
 drift apart while every single-device test passes. For each row of
 ``STATEFUL`` and each data-parallel option it accepts, a few training steps
 (``chain(method, momentum SGD)``, or the method alone where it is the whole
-optimizer) run under ``jax.pmap`` on 8 fake CPU devices, each fed its own
-shard of a new batch every step, and
+optimizer) run on 8 fake CPU devices (``shard_map``, each device keeping its
+own copy of params and state), each fed its own shard of a new batch every
+step (not chex's ``with_pmap``, which feeds every device the same), and
 
 * every leaf of the parameters and of the whole optimizer state is the same
   on every device;
@@ -16,9 +17,9 @@ shard of a new batch every step, and
   axis_name)`` is ``Splits(16)``, ``Synced`` and ``MicroBatches(2,
   axis_name)`` are the plain step on the whole batch.
 
-Per method, one compiled program runs every option on the devices, and
-one its single-device runs. Adding a
-stateful method is one row of ``STATEFUL``;
+Per method, one compiled program runs every option on the devices, and one
+its single-device runs. Adding a stateful method is one row of ``STATEFUL``
+(the options it accepts are found by building it);
 ``test_every_method_with_state_has_a_row`` fails until it has one.
 """
 
@@ -46,7 +47,7 @@ BATCH = DEVICES * PER_DEVICE
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-  """A data-parallel option under ``pmap`` and the single-device option of
+  """A data-parallel option on the devices and the single-device option of
   the same numbers on the whole batch (the devices' shards in order)."""
 
   on_devices: Any
