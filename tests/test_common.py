@@ -104,9 +104,10 @@ class Row:
     synced_is_global: whether ``Synced`` under ``pmap`` is the step on the
       global batch (not ESAM's: it selects examples per device).
     stable: whether it rescales to the norm of the incoming gradient.
-    sam_reports: the keywords that ``make`` hands to an inner ``sam``, whose
-      errors name ``sam`` (the wrappers', and ``usam``'s); the errors of the
-      others name the row.
+    inner_reports: ``(name, keywords)``: the keywords that ``make`` hands to
+      an inner method the user built, whose errors name that method (the
+      wrappers' inner ``sam``, stable_sam's inner ``usam``); the errors of
+      the others name the row.
     update_args: ``update_args(params, batch)``, the extra arguments of
       ``update``.
   """
@@ -119,7 +120,7 @@ class Row:
   per_device: bool = True
   synced_is_global: bool = True
   stable: bool = False
-  sam_reports: tuple[str, ...] = ()
+  inner_reports: tuple[str, tuple[str, ...]] = ("", ())
   update_args: Callable[[Any, Any], dict] = lambda params, batch: {"batch": batch}
 
   def build(self, problem: Tiny = TINY, **kwargs):
@@ -131,7 +132,8 @@ class Row:
   def error_prefix(self, argument: str) -> str:
     """The start of the error for a bad ``argument``: ``"<constructor>: "``,
     anchored (``match`` searches, and "sam: rho" is found in "fsam: rho")."""
-    return "^" + re.escape("sam" if argument in self.sam_reports else self.name) + ": "
+    inner, keywords = self.inner_reports
+    return "^" + re.escape(inner if argument in keywords else self.name) + ": "
 
 
 def _axis(perturbation):
@@ -167,7 +169,7 @@ def _saf_args(params, batch):
 
 ROWS = [
     Row("sam", _method(sam_optax.sam, rho=RHO)),
-    Row("usam", _method(sam_optax.usam, rho=RHO), sam_reports=("rho", "eps")),
+    Row("usam", _method(sam_optax.usam, rho=RHO)),
     Row("asam", _method(sam_optax.asam, rho=ASAM_RHO, eta=ETA)),
     Row("gsam", _method(sam_optax.gsam, rho=RHO, alpha=ALPHA)),
     Row("bsam", _method(sam_optax.bsam, rho_max=RHO_MAX, rho_min=RHO_MIN),
@@ -189,16 +191,14 @@ ROWS = [
     Row("msam", lambda problem, perturbation=None, **kw: sam_optax.msam(
         optax.identity(), **{"rho": RHO, "perturbation": perturbation, **kw}),
         per_device=False),
-    Row("interval_sam", _method(sam_optax.interval_sam, rho=0.1, k=2),
-        sam_reports=("rho", "eps")),
+    Row("interval_sam", _method(sam_optax.interval_sam, rho=0.1, k=2)),
     # Seed 3 draws a perturbed step 0 (the per-device test looks at step 0).
-    Row("stochastic_sam", _method(sam_optax.stochastic_sam, rho=0.1, p=0.5, seed=3),
-        sam_reports=("rho", "eps")),
+    Row("stochastic_sam", _method(sam_optax.stochastic_sam, rho=0.1, p=0.5, seed=3)),
     Row("every_k", _wrapper(lambda inner, axis: sam_optax.every_k(inner, 2, axis_name=axis)),
-        sam_reports=("rho", "eps")),
+        inner_reports=("sam", ("rho", "eps"))),
     Row("with_probability", _wrapper(lambda inner, axis: sam_optax.with_probability(
-        inner, 0.5, seed=3, axis_name=axis)), sam_reports=("rho", "eps")),
-    Row("stable_sam", _stable_sam, stable=True, sam_reports=("rho",)),
+        inner, 0.5, seed=3, axis_name=axis)), inner_reports=("sam", ("rho", "eps"))),
+    Row("stable_sam", _stable_sam, stable=True, inner_reports=("usam", ("rho",))),
     Row("saf", lambda problem: sam_optax.saf(
         problem.num_examples, problem.num_classes, steps_per_epoch=1, start_epoch=1,
         past_epochs=1),
