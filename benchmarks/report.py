@@ -239,7 +239,7 @@ def diagnose(task: Mapping[str, Any]) -> list[str]:
           f" {state:.1f} parameter copies). `saf_target` gathers from the bank and"
           " `update` scatters into it with no data dependency between the two, so"
           " XLA cannot order the read before the in-place write and copies the"
-          " donated buffer. Fix (`sam_optax/saf.py`, `update`): make the written"
+          " donated buffer. Fix (the `update` of `sam_optax.saf`): make the written"
           " logits depend on the incoming gradient, which depends on the read —"
           " `s = jax.tree.leaves(updates)[0].ravel()[0]; logits = logits +"
           " jnp.where(jnp.isfinite(s), s, 0.0) * 0.0` (exact) — after which the"

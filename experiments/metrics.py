@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_optax import _ascent
+from sam_optax import _checks, _loss, _numerics
 
 __all__ = [
     "accuracy",
@@ -320,13 +320,13 @@ def _check_float_params(name: str, params: Any) -> None:
 
 def _power_step(loss_fn: Callable[[Any], jax.Array], params: Any, vector: Any):
   """One power-iteration step: ``u = v/‖v‖``, ``(uᵀHu / uᵀu, Hu)``."""
-  value = _ascent.scalar_loss("top_hessian_eigenvalue", lambda p: loss_fn(p), has_aux=False)
-  norm = _ascent.global_norm(vector)
+  value = _loss.scalar_loss("top_hessian_eigenvalue", lambda p: loss_fn(p), has_aux=False)
+  norm = _numerics.global_norm(vector)
   inverse = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
   unit = jax.tree.map(lambda v: (v.astype(jnp.float32) * inverse).astype(v.dtype), vector)
   _, product = jax.jvp(jax.grad(value), (params,), (unit,))  # forward-over-reverse
-  squared = _ascent.vdot(unit, unit)
-  rayleigh = jnp.where(squared > 0, _ascent.vdot(unit, product) / squared, 0.0)
+  squared = _numerics.vdot(unit, unit)
+  rayleigh = jnp.where(squared > 0, _numerics.vdot(unit, product) / squared, 0.0)
   return rayleigh, product
 
 
@@ -385,7 +385,7 @@ def top_hessian_eigenvalue(
     4.0
   """
   name = "top_hessian_eigenvalue"
-  _ascent.check_callable("loss_fn", loss_fn, name, required=True)
+  _checks.check_callable("loss_fn", loss_fn, name, required=True)
   if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
     raise ValueError(f"{name}: num_iters must be an integer >= 1, got num_iters={num_iters!r}.")
   if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
@@ -414,10 +414,10 @@ def top_hessian_eigenvalue(
 def _sharpness_of_batch(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: Any,
                         rho: jax.Array) -> jax.Array:
   """``L_B(w + ρ g/(‖g‖+δ)) − L_B(w)`` with ``g = ∇L_B(w)``."""
-  value = _ascent.scalar_loss("m_sharpness", lambda p, batch: loss_fn(p, batch), has_aux=False)
+  value = _loss.scalar_loss("m_sharpness", lambda p, batch: loss_fn(p, batch), has_aux=False)
   loss, grads = jax.value_and_grad(value)(params, batch=batch)
-  direction = _ascent.normalized(grads, _ascent.DEFAULT_EPS)
-  perturbed = _ascent.ascent_point(params, direction, rho)
+  direction = _numerics.normalized(grads, _numerics.DEFAULT_EPS)
+  perturbed = _numerics.ascent_point(params, direction, rho)
   return value(perturbed, batch=batch) - loss
 
 
@@ -474,7 +474,7 @@ def m_sharpness(
     0.105
   """
   name = "m_sharpness"
-  _ascent.check_callable("loss_fn", loss_fn, name, required=True)
+  _checks.check_callable("loss_fn", loss_fn, name, required=True)
   if isinstance(rho, bool) or not isinstance(rho, (int, float, np.floating)) or not (
       math.isfinite(rho) and rho >= 0):
     raise ValueError(f"{name}: rho must be a finite float >= 0, got rho={rho!r}.")

@@ -14,7 +14,8 @@ method (``_sam.py``, ``_gsam.py``, ...) on the skeleton of ``_ascent.py``;
 from sam_optax import losses, schedules
 from sam_optax._accumulation import accumulated_grad
 from sam_optax._asam import asam, not_a_bias
-from sam_optax._ascent import SAMState, takes_ascent_step
+from sam_optax._ascent import SAMState
+from sam_optax._phase import takes_ascent_step
 from sam_optax._bsam import bsam
 from sam_optax._csam import csam
 from sam_optax._esam import ESAMState, esam

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent, _parallel
-from sam_optax._ascent import LossFn
+from sam_optax import _checks, _loss, _parallel
+from sam_optax._loss import LossFn
 
 
 def accumulated_grad(
@@ -66,18 +66,18 @@ def accumulated_grad(
     True
   """
   method = "accumulated_grad"
-  _ascent.check_callable("loss_fn", loss_fn, method, required=True)
-  _ascent.check_int("n", n, 1, method)
+  _checks.check_callable("loss_fn", loss_fn, method, required=True)
+  _checks.check_int("n", n, 1, method)
   names = _parallel.MicroBatches(n, batch_argnames).batch_argnames  # checked there
   if not isinstance(has_aux, bool):
     raise TypeError(f"{method}: has_aux must be a bool, got has_aux={has_aux!r}.")
 
   def grad_fn(params: optax.Params, **extra_args: Any) -> Any:
-    arguments = _ascent.loss_arguments(method, "loss_fn", loss_fn, extra_args)
-    micro_batches = _ascent.split_arguments(method, arguments, names, n, "MicroBatches")
+    arguments = _loss.loss_arguments(method, "loss_fn", loss_fn, extra_args)
+    micro_batches = _parallel.split_arguments(method, arguments, names, n, "MicroBatches")
     if not has_aux:
-      value = _ascent.scalar_loss(method, loss_fn, has_aux=False)
-      return _ascent.mean_over_groups(
+      value = _loss.scalar_loss(method, loss_fn, has_aux=False)
+      return _parallel.mean_over_groups(
           lambda micro: jax.grad(value)(params, **{**arguments, **micro}), micro_batches, n)
 
     def loss_and_aux(point, args):
@@ -85,7 +85,7 @@ def accumulated_grad(
       if not isinstance(out, (tuple, list)) or len(out) != 2:
         raise ValueError(f"{method}: has_aux=True, so loss_fn must return (loss, aux),"
                          f" got {type(out).__name__}.")
-      return _ascent.scalar_loss(method, lambda *_, **__: out[0], has_aux=False)(point), out[1]
+      return _loss.scalar_loss(method, lambda *_, **__: out[0], has_aux=False)(point), out[1]
 
     def body(total, micro):
       grads, aux = jax.grad(loss_and_aux, has_aux=True)(params, {**arguments, **micro})

@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
-from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax import _ascent, _checks, _numerics
+from sam_optax._ascent import Mask
+from sam_optax._checks import Radius
+from sam_optax._loss import LossFn
 from sam_optax._parallel import Perturbation
 
 
@@ -43,7 +45,7 @@ def asam(
     has_aux: bool = False,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive SAM (Kwon et al., ICML 2021, arXiv:2102.11600).
 
@@ -88,7 +90,7 @@ def asam(
     >>> updates['kernel'].shape
     (3,)
   """
-  _ascent.check_non_negative("eta", eta, "asam")
+  _checks.check_non_negative("eta", eta, "asam")
   if isinstance(adaptive_mask, (bool, jax.Array)):
     # optax.inject_hyperparams takes a function argument it is not told is
     # static for a schedule and passes its value at the step (a bool).
@@ -109,7 +111,7 @@ def asam(
     scaled_grads = ascent.restrict(jax.tree.map(
         lambda t, g: t * jnp.asarray(g, jnp.float32), scale, grads))
     epsilon = jax.tree.map(lambda t, tg: t * tg, scale, scaled_grads)
-    step = _ascent.divide_by_norm(rho, scaled_grads, ascent.eps)
+    step = _numerics.divide_by_norm(rho, scaled_grads, ascent.eps)
     return ascent.gradient_at(epsilon, step), state
 
   return _ascent.transformation(

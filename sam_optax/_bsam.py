@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import optax
 
-from sam_optax import _ascent
-from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax import _ascent, _numerics
+from sam_optax._ascent import Mask
+from sam_optax._checks import Radius
+from sam_optax._loss import LossFn
 from sam_optax._parallel import Perturbation
 
 
@@ -17,7 +19,7 @@ def bsam(
     has_aux: bool = False,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Bilateral SAM (Deng et al., 2024, arXiv:2409.13173; code ajiaaa/BSAM).
 
@@ -71,10 +73,10 @@ def bsam(
     max_grads = ascent.gradient_at(direction, rho_max)
     # The min pass starts once g_max is computed: run together, the two passes
     # would hold both passes' activations at once (see benchmarks/RESULTS.md).
-    min_grads = ascent.gradient_at(_ascent.sequenced(direction, max_grads), -rho_min)
-    ratio = _ascent.divide_by_norm(_ascent.global_norm(max_grads), min_grads, ascent.eps)
-    flatness = _ascent.scaled_sum(grads, -ratio, min_grads, like=max_grads)
-    return _ascent.scaled_sum(max_grads, 1.0, flatness), state
+    min_grads = ascent.gradient_at(_numerics.sequenced(direction, max_grads), -rho_min)
+    ratio = _numerics.divide_by_norm(_numerics.global_norm(max_grads), min_grads, ascent.eps)
+    flatness = _numerics.scaled_sum(grads, -ratio, min_grads, like=max_grads)
+    return _numerics.scaled_sum(max_grads, 1.0, flatness), state
 
   return _ascent.transformation(
       "bsam", rule, radii={"rho_max": rho_max, "rho_min": rho_min},

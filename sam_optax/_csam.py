@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent, losses
-from sam_optax._ascent import Mask, Radius
+from sam_optax import _ascent, _checks, _loss, _numerics, losses
+from sam_optax._ascent import Mask
+from sam_optax._checks import Radius
 from sam_optax._parallel import Perturbation
 
 
@@ -23,7 +24,7 @@ def csam(
     has_aux: bool = False,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Calibrated SAM (arXiv:2505.23866, ICLR 2026).
 
@@ -76,8 +77,8 @@ def csam(
     >>> updates.shape
     (3, 3)
   """
-  _ascent.check_callable("logits_fn", logits_fn, "csam", required=True)
-  _ascent.check_in_range("gamma", gamma, 0.0, 2.0, "csam")
+  _checks.check_callable("logits_fn", logits_fn, "csam", required=True)
+  _checks.check_in_range("gamma", gamma, 0.0, 2.0, "csam")
 
   def logits_and_labels(params, **kwargs):
     out = logits_fn(params, **kwargs)
@@ -103,7 +104,7 @@ def csam(
   def gradient_of(loss):
     def factory(params, extra_args: Mapping[str, Any]):
       del params
-      arguments = _ascent.loss_arguments("csam", "logits_fn", logits_fn, extra_args)
+      arguments = _loss.loss_arguments("csam", "logits_fn", logits_fn, extra_args)
       return lambda point: jax.grad(loss)(point, **arguments)
     return factory
 

@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
-from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax import _ascent, _checks, _loss, _numerics, _parallel
+from sam_optax._ascent import Mask
+from sam_optax._checks import Radius
+from sam_optax._loss import LossFn
 from sam_optax._parallel import Perturbation
 
 
@@ -53,7 +55,7 @@ def esam(
     seed: int = 0,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Efficient SAM (Du et al., ICLR 2022, arXiv:2110.03141).
 
@@ -157,18 +159,18 @@ def esam(
     raise TypeError(
         f"{method}: gamma must be a Python float (it sets how many examples the"
         f" second gradient uses, a shape), got {gamma!r}."
-        + _ascent.static_args_hint(method, "gamma", "seed"))
+        + _checks.static_args_hint(method, "gamma", "seed"))
   for name, value in (("beta", beta), ("gamma", gamma)):
-    if _ascent._traced(value):  # pylint: disable=protected-access
+    if _checks.is_traced(value):  # pylint: disable=protected-access
       continue  # beta under optax.inject_hyperparams and jit
-    number = _ascent._real(value)  # pylint: disable=protected-access
+    number = _checks.real_number(value)  # pylint: disable=protected-access
     if number is None or not 0 < number <= 1:
       raise ValueError(f"{method}: {name} must be in (0, 1], got {name}={value!r}.")
   if isinstance(batch_argnames, str) or not batch_argnames:
     raise TypeError(
         f"{method}: batch_argnames must be a non-empty sequence of names of"
         f" update()'s extra arguments, got {batch_argnames!r}.")
-  _ascent.check_seed(seed, method)
+  _checks.check_seed(seed, method)
 
   def init(params: optax.Params) -> ESAMState:
     del params
@@ -179,8 +181,8 @@ def esam(
     """The per-example loss, its bound arguments and ``per_example_losses``."""
     arguments = dict(extra_args)
     given = arguments.pop("per_example_losses", None)
-    fn = _ascent.resolve_loss_fn(method, loss_fn, arguments)
-    arguments = _ascent.loss_arguments(method, "loss_fn", fn, arguments)
+    fn = _loss.resolve_loss_fn(method, loss_fn, arguments)
+    arguments = _loss.loss_arguments(method, "loss_fn", fn, arguments)
     return _per_example(fn, has_aux), arguments, given
 
   def mean_loss_gradient(params, extra_args):
@@ -272,5 +274,5 @@ def _select(method: str, arguments: Mapping[str, Any], names: Sequence[str],
           f" shape {shape}.")
     return jnp.take(leaf, selected, axis=0)
 
-  return {**arguments, **_ascent.map_batch_arguments(
+  return {**arguments, **_parallel.map_batch_arguments(
       method, arguments, names, "the data selection gathers the examples of", take)}

@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
-from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax import _ascent, _checks, _numerics
+from sam_optax._ascent import Mask
+from sam_optax._checks import Radius
+from sam_optax._loss import LossFn
 from sam_optax._parallel import Perturbation
 
 
@@ -37,7 +39,7 @@ def fsam(
     has_aux: bool = False,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""FriendlySAM (Li et al., CVPR 2024, arXiv:2403.12350).
 
@@ -101,8 +103,8 @@ def fsam(
     True
   """
   method = "fsam"
-  _ascent.check_non_negative("sigma", sigma, method)
-  _ascent.check_in_range("lmbda", lmbda, 0.0, 1.0, method)
+  _checks.check_non_negative("sigma", sigma, method)
+  _checks.check_in_range("lmbda", lmbda, 0.0, 1.0, method)
 
   def init(params: optax.Params) -> FSAMState:
     return FSAMState(count=jnp.zeros([], jnp.int32),
@@ -112,8 +114,8 @@ def fsam(
   def rule(grads, state, ascent, *, rho):
     # At the first step σ acts as 0 and m starts as g: d = g and m = g.
     s = jnp.where(state.started, sigma, 0.0).astype(jnp.float32)
-    direction = _ascent.scaled_sum(grads, -s, state.momentum, like=grads)
-    momentum = _ascent.moving_average(state.momentum, ascent.mean(grads), lmbda,
+    direction = _numerics.scaled_sum(grads, -s, state.momentum, like=grads)
+    momentum = _numerics.moving_average(state.momentum, ascent.mean(grads), lmbda,
                                       started=state.started)
     surrogate = ascent.gradient_at(ascent.normalized(direction), rho)
     return surrogate, state._replace(momentum=momentum,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import optax
 
-from sam_optax import _ascent
-from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax import _ascent, _checks, _numerics
+from sam_optax._ascent import Mask
+from sam_optax._checks import Radius
+from sam_optax._loss import LossFn
 from sam_optax._parallel import Perturbation
 
 
@@ -17,7 +19,7 @@ def gsam(
     has_aux: bool = False,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Surrogate-gap SAM (Zhuang et al., ICLR 2022, arXiv:2203.08065).
 
@@ -65,15 +67,15 @@ def gsam(
     >>> grads = jax.grad(loss_fn)(params, x=jnp.arange(4.0))
     >>> updates, state = tx.update(grads, state, params, x=jnp.arange(4.0))
   """
-  _ascent.check_non_negative("alpha", alpha, "gsam")
+  _checks.check_non_negative("alpha", alpha, "gsam")
 
   def rule(grads, state, ascent, *, rho):
     sam_grads = ascent.gradient_at(ascent.normalized(grads), rho)
     # g_p − α g_⊥ = (1 + α c) g_p − α g with c = ⟨g, g_p⟩ / (‖g_p‖² + δ): one
     # elementwise pass over the leaves, no g_⊥ tree materialized.
-    projection = _ascent.divide_by_norm(_ascent.vdot(grads, sam_grads), sam_grads,
+    projection = _numerics.divide_by_norm(_numerics.vdot(grads, sam_grads), sam_grads,
                                         ascent.eps, squared=True)
-    return _ascent.linear_combination(1.0 + alpha * projection, sam_grads,
+    return _numerics.linear_combination(1.0 + alpha * projection, sam_grads,
                                       -alpha, grads, like=sam_grads), state
 
   return _ascent.transformation(

@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
-from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax import _checks, _numerics, _parallel, _phase
+from sam_optax._ascent import Mask
+from sam_optax._checks import Radius
+from sam_optax._loss import LossFn
 from sam_optax._parallel import Perturbation, axis_of
 from sam_optax._sam import sam
 
@@ -65,17 +67,17 @@ def _choose(method: str, predicate: jax.Array, inner, updates, inner_state, para
   part of the parameters is refused at once, not on the first step that runs
   the inner update (eagerly a skipped step does not call it).
   """
-  _ascent.check_not_masked(method, updates, params, wrapper=True)
-  take = _ascent.chosen_phase(method, extra_args.pop(_ascent.ASCENT_STEP, None), predicate)
+  _checks.check_not_masked(method, updates, params, wrapper=True)
+  take = _phase.chosen_phase(method, extra_args.pop(_phase.ASCENT_STEP, None), predicate)
 
   def ascent():
     surrogate, new_state = inner.update(updates, inner_state, params, **extra_args)
-    return _ascent.cast_like(surrogate, updates), new_state
+    return _numerics.cast_like(surrogate, updates), new_state
 
   def skip():
-    return _ascent.mean_over_axis(updates, axis_name), _ascent.advance_counts(inner_state)
+    return _parallel.mean_over_axis(updates, axis_name), _phase.advance_counts(inner_state)
 
-  return _ascent.cond(take, ascent, skip)
+  return _phase.cond(take, ascent, skip)
 
 
 def every_k(
@@ -142,9 +144,9 @@ def every_k(
     >>> updates, state = tx.update(grads, state, params, x=x)
   """
   method = "every_k"
-  inner = _ascent.check_inner(method, inner)
-  _ascent.check_axis_name(method, axis_name)
-  _ascent.check_int("k", k, 1, method, injectable=True)
+  inner = _checks.check_inner(method, inner)
+  _checks.check_axis_name(method, axis_name)
+  _checks.check_int("k", k, 1, method, injectable=True)
 
   def init(params):
     return IntervalState(count=jnp.zeros([], jnp.int32), inner=inner.init(params),
@@ -209,17 +211,17 @@ def with_probability(
     >>> updates, state = tx.update(grads, state, params, x=x)
   """
   method = "with_probability"
-  inner = _ascent.check_inner(method, inner)
-  _ascent.check_axis_name(method, axis_name)
+  inner = _checks.check_inner(method, inner)
+  _checks.check_axis_name(method, axis_name)
   if callable(p):
-    _ascent.check_radius("p", p, method)
+    _checks.check_radius("p", p, method)
   else:
-    _ascent.check_in_range("p", p, 0.0, 1.0, method)
-  _ascent.check_seed(seed, method)
+    _checks.check_in_range("p", p, 0.0, 1.0, method)
+  _checks.check_seed(seed, method)
 
   def draw(key, count):
     draw_key = jax.random.fold_in(jax.random.wrap_key_data(key), count)
-    return jax.random.uniform(draw_key) < _ascent.radius_at(p, count)
+    return jax.random.uniform(draw_key) < _numerics.radius_at(p, count)
 
   def init(params):
     key = jax.random.key_data(jax.random.key(seed))
@@ -246,7 +248,7 @@ def interval_sam(
     has_aux: bool = False,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   """Interval SAM: :func:`sam_optax.sam` every ``k`` steps, SGD's gradient otherwise.
 
@@ -272,7 +274,7 @@ def stochastic_sam(
     has_aux: bool = False,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   """Stochastic SAM: :func:`sam_optax.sam` with probability ``p``, SGD's gradient otherwise.
 
@@ -284,7 +286,7 @@ def stochastic_sam(
     >>> import optax, sam_optax
     >>> tx = optax.chain(sam_optax.stochastic_sam(0.05, p=0.5), optax.sgd(0.1))
   """
-  _ascent.check_seed(seed, "stochastic_sam")  # named as the user called it
+  _checks.check_seed(seed, "stochastic_sam")  # named as the user called it
   inner = sam(rho, loss_fn=loss_fn, normalize=normalize, has_aux=has_aux,
               perturbation=perturbation, mask=mask, eps=eps)
   return with_probability(inner, p, seed=seed, axis_name=axis_of(perturbation))

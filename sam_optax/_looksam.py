@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
-from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax import _ascent, _checks, _numerics, _phase
+from sam_optax._ascent import Mask
+from sam_optax._checks import Radius
+from sam_optax._loss import LossFn
 from sam_optax._parallel import Perturbation
 
 
@@ -40,7 +42,7 @@ def looksam(
     has_aux: bool = False,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LookSAM (Liu et al., CVPR 2022, arXiv:2203.02714).
 
@@ -111,8 +113,8 @@ def looksam(
     6
   """
   method = "looksam"
-  _ascent.check_int("k", k, 1, method, injectable=True)
-  _ascent.check_non_negative("alpha", alpha, method)
+  _checks.check_int("k", k, 1, method, injectable=True)
+  _checks.check_non_negative("alpha", alpha, method)
 
   def init(params: optax.Params) -> LookSAMState:
     return LookSAMState(count=jnp.zeros([], jnp.int32),
@@ -126,19 +128,19 @@ def looksam(
     mean_grads = ascent.mean(grads)
 
     def sam_step():
-      sam_grads = _ascent.cast_like(
+      sam_grads = _numerics.cast_like(
           ascent.gradient_at(ascent.normalized(grads), rho), grads)
-      orthogonal = _ascent.orthogonal_part(
+      orthogonal = _numerics.orthogonal_part(
           ascent.mean(sam_grads), mean_grads, ascent.eps, like=state.orthogonal)
       return sam_grads, orthogonal
 
     def reuse_step():
-      scale = alpha * _ascent.divide_by_norm(
-          _ascent.global_norm(mean_grads), state.orthogonal, ascent.eps)
-      return _ascent.scaled_sum(grads, scale, state.orthogonal), state.orthogonal
+      scale = alpha * _numerics.divide_by_norm(
+          _numerics.global_norm(mean_grads), state.orthogonal, ascent.eps)
+      return _numerics.scaled_sum(grads, scale, state.orthogonal), state.orthogonal
 
-    take = _ascent.chosen_phase(method, ascent_step, state.count % k == 0)
-    surrogate, orthogonal = _ascent.cond(take, sam_step, reuse_step)
+    take = _phase.chosen_phase(method, ascent_step, state.count % k == 0)
+    surrogate, orthogonal = _phase.cond(take, sam_step, reuse_step)
     next_count = optax.safe_increment(state.count)
     return surrogate, state._replace(orthogonal=orthogonal,
                                      ascent_next=next_count % k == 0)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
+from sam_optax import _checks, _numerics, _phase
 from sam_optax.losses import TrajectoryTarget
 from sam_optax._saf import (TrajectorySchedule, example_mask_or_ones, find_state,
                            make_schedule, reject_injected)
@@ -159,7 +159,7 @@ def mesa(
   schedule = make_schedule(
       method, lam=lam, tau=tau, steps_per_epoch=steps_per_epoch,
       start_epoch=start_epoch, end_epoch=end_epoch, min_start_epoch=0)
-  _ascent.check_in_range("decay", decay, 0.0, 1.0, method)
+  _checks.check_in_range("decay", decay, 0.0, 1.0, method)
   initial_model_state = model_state
 
   def init(params: optax.Params) -> MESAState:
@@ -214,7 +214,7 @@ def mesa_params(opt_state: Any, params: optax.Params) -> optax.Params:
     Array([0.0002, 0.0002], dtype=float32)
   """
   state = find_state(opt_state, MESAState, "mesa_params", "mesa")
-  return _ascent.cast_like(_fold(state.rate, state.ema_params, params, "params"), params)
+  return _numerics.cast_like(_fold(state.rate, state.ema_params, params, "params"), params)
 
 
 def mesa_model_state(opt_state: Any, model_state: Any) -> Any:
@@ -229,7 +229,7 @@ def mesa_model_state(opt_state: Any, model_state: Any) -> Any:
     (2,)
   """
   state = find_state(opt_state, MESAState, "mesa_model_state", "mesa")
-  return _ascent.cast_like(_fold_model_state("mesa_model_state", state, model_state), model_state)
+  return _numerics.cast_like(_fold_model_state("mesa_model_state", state, model_state), model_state)
 
 
 def mesa_target(
@@ -275,14 +275,14 @@ def mesa_target(
     ((3, 2), 0.0)
   """
   state = find_state(opt_state, MESAState, "mesa_target", "mesa")
-  _ascent.check_callable("apply_fn", apply_fn, "mesa_target", required=True)
-  ema_params = _ascent.cast_like(_fold(state.rate, state.ema_params, params, "params"), params)
+  _checks.check_callable("apply_fn", apply_fn, "mesa_target", required=True)
+  ema_params = _numerics.cast_like(_fold(state.rate, state.ema_params, params, "params"), params)
   if state.ema_model_state is None:
     if model_state is not None:
       raise ValueError(_untracked_model_state("mesa_target"))
     teacher = lambda: apply_fn(ema_params)
   else:
-    ema_model_state = _ascent.cast_like(
+    ema_model_state = _numerics.cast_like(
         _fold_model_state("mesa_target", state, model_state), model_state)
     teacher = lambda: apply_fn(ema_params, ema_model_state)
 
@@ -294,7 +294,7 @@ def mesa_target(
   weight = state.schedule.weight(state.count)
   run = lambda: jax.lax.stop_gradient(jnp.asarray(teacher(), jnp.float32))
   skip = lambda: jnp.zeros(shape.shape, jnp.float32)
-  logits = _ascent.cond(weight > 0, run, skip)
+  logits = _phase.cond(weight > 0, run, skip)
   mask = example_mask_or_ones("mesa_target", example_mask, shape.shape[0])
   return TrajectoryTarget(
       logits=logits, mask=mask.astype(jnp.float32), weight=weight,

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent, _parallel
-from sam_optax._ascent import Mask, Radius
+from sam_optax import _ascent, _checks, _numerics, _parallel
+from sam_optax._ascent import Mask
+from sam_optax._checks import Radius
 from sam_optax._parallel import Perturbation
 
 
@@ -44,7 +45,7 @@ def msam(
     momentum: float = 0.9,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Momentum-SAM (Becker, Altrock & Risse, 2024, arXiv:2401.12033).
 
@@ -139,14 +140,14 @@ def msam(
     True
   """
   method = "msam"
-  base = _ascent.check_base(method, base_optimizer)
-  _ascent.check_radius("rho", rho, method)
-  traced = _ascent._traced(momentum)  # pylint: disable=protected-access
-  number = None if traced else _ascent._real(momentum)  # pylint: disable=protected-access
+  base = _checks.check_base(method, base_optimizer)
+  _checks.check_radius("rho", rho, method)
+  traced = _checks.is_traced(momentum)  # pylint: disable=protected-access
+  number = None if traced else _checks.real_number(momentum)  # pylint: disable=protected-access
   if not traced and (number is None or not 0.0 <= number < 1.0):
     raise ValueError(f"{method}: momentum must be in [0, 1), got momentum={momentum!r}"
                      " (at 1 the EMA would never see a gradient).")
-  _ascent.check_positive("eps", eps, method)
+  _checks.check_positive("eps", eps, method)
   _parallel.check_perturbation(method, perturbation)
   if isinstance(perturbation, _parallel.MicroBatches):
     raise ValueError(
@@ -171,14 +172,14 @@ def msam(
                      base=base.init(params))
 
   def update(updates, state, params=None, **extra_args):
-    _ascent.check_update_inputs(method, updates, params)
-    grads = _ascent.mean_over_axis(updates, axis_name)
+    _checks.check_update_inputs(method, updates, params)
+    grads = _parallel.mean_over_axis(updates, axis_name)
     weights = _sub(params, state.perturbation)  # w = w̃ − ε
     base_updates, base_state = base.update(grads, state.base, weights, **extra_args)
-    ema = _ascent.moving_average(state.momentum, grads, jnp.float32(momentum))
+    ema = _numerics.moving_average(state.momentum, grads, jnp.float32(momentum))
     ascent = _ascent.Ascent(weights, None, _ascent.resolve_mask(method, mask, params), eps,
                             lambda tree: tree)
-    scale = -_ascent.radius_at(rho, state.count)
+    scale = -_numerics.radius_at(rho, state.count)
     new_perturbation = jax.tree.map(lambda n, p: (scale * n).astype(p.dtype),
                                     ascent.normalized(ema), params)
     # w̃_{t+1} − w̃_t = base(g) + ε_{t+1} − ε_t

@@ -35,7 +35,11 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
 
 
 def _check_n(kind: str, n: object) -> None:
@@ -254,3 +258,204 @@ def kind_of(perturbation: Perturbation | None) -> str:
 def axis_of(perturbation: Perturbation | None) -> str | None:
   """The axis the surrogate is averaged over (None if there is none)."""
   return None if perturbation is None else perturbation.axis_name
+
+
+# --------------------------------------------------------------------------
+# Splitting the batch and averaging over groups and devices.
+# --------------------------------------------------------------------------
+
+
+def map_batch_arguments(
+    method: str,
+    extra_args: Mapping[str, Any],
+    names: Sequence[str],
+    purpose: str,
+    leaf_fn: Callable[[Any, jax.Array], jax.Array],
+) -> dict[str, Any]:
+  """``leaf_fn(path, leaf)`` on every leaf of the extra arguments in ``names``.
+
+  Raises:
+    ValueError: if ``update`` got no argument of one of the names; the
+      message says ``purpose`` (what the method does with them).
+  """
+  missing = [name for name in names if name not in extra_args]
+  if missing:
+    raise ValueError(
+        f"{method}: {purpose} the extra arguments {list(names)}, but update()"
+        f" got no {missing}; it got {sorted(extra_args)}. Set batch_argnames to"
+        " the names of the batch arguments.")
+  return {name: jax.tree_util.tree_map_with_path(leaf_fn, extra_args[name])
+          for name in names}
+
+
+def split_arguments(
+    method: str,
+    extra_args: Mapping[str, Any],
+    names: Sequence[str],
+    splits: int,
+    kind: str = "Splits",
+) -> dict[str, Any]:
+  """The named extra arguments, each leaf reshaped ``[B, ...] → [splits, B/splits, ...]``.
+
+  Group ``i`` holds rows ``i·B/splits`` to ``(i+1)·B/splits − 1``. ``kind``
+  names the option in error messages.
+  """
+
+  def split(path, leaf):
+    shape = jnp.shape(leaf)
+    if not shape or shape[0] % splits:
+      raise ValueError(
+          f"{method}: {kind}(n={splits}): n must divide the leading (batch)"
+          f" dimension of every leaf of {list(names)}, but"
+          f" {jax.tree_util.keystr(path) or 'the argument'} has shape {shape}.")
+    return jnp.reshape(leaf, (splits, shape[0] // splits) + shape[1:])
+
+  return map_batch_arguments(
+      method, extra_args, names,
+      f"{kind}(n={splits}) splits along axis 0", split)
+
+
+def _floating(leaf: Any) -> bool:
+  return bool(jnp.issubdtype(leaf.dtype, jnp.floating))
+
+
+def mean_over_groups(fn: Callable[[Any], Any], groups: Any, n: int) -> Any:
+  """``(1/n) Σ_i fn(group_i)``, one group after the other (``jax.lax.scan``).
+
+  ``groups``: a pytree whose leaves have a leading axis of size ``n`` (from
+  :func:`split_arguments`). Only one group's intermediate values (a
+  micro-batch's activations) are alive at a time. Floating leaves of the
+  result are summed in (at least) float32 and returned in ``fn``'s dtypes;
+  other leaves (counters, flags, keys) are the last group's.
+  """
+  shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], groups))
+
+  def accumulator(shape):
+    dtype = jnp.promote_types(shape.dtype, jnp.float32) if _floating(shape) else shape.dtype
+    return jnp.zeros(shape.shape, dtype)
+
+  def body(total, group):
+    out = fn(group)
+    return jax.tree.map(
+        lambda t, o, shape: t + jnp.asarray(o, t.dtype) if _floating(shape) else jnp.asarray(o),
+        total, out, shapes), None
+
+  total, _ = jax.lax.scan(body, jax.tree.map(accumulator, shapes), groups)
+  return jax.tree.map(
+      lambda t, shape: (t / n).astype(shape.dtype) if _floating(shape) else t, total, shapes)
+
+
+def mean_over_axis(tree: Any, axis_name: str | tuple[str, ...] | None) -> Any:
+  """``lax.pmean`` over ``axis_name`` (identity for None), with a clear error."""
+  if axis_name is None:
+    return tree
+  try:
+    return jax.lax.pmean(tree, axis_name)
+  except NameError as error:
+    raise ValueError(
+        f"axis_name={axis_name!r} is not bound: call the update inside"
+        f" jax.pmap(..., axis_name={axis_name!r}) or shard_map over a mesh axis"
+        f" of that name, or build the transform without that axis"
+        f" (perturbation=None, axis_name=None). ({error})"
+    ) from None
+
+
+# --------------------------------------------------------------------------
+# Running a method's rule under each option.
+# --------------------------------------------------------------------------
+
+_GROUPS = "sam_optax_groups"  # the vmap axis of Splits, for Ascent.mean
+
+RunRule = Callable[[Any, Callable[[Any], Any], Callable[[Any], Any]], tuple[Any, Any]]
+"""``run(grads, gradient_fn, mean) -> (surrogate, new_state)``: the method's
+rule on ``grads`` with ``gradient_fn`` (``∇L`` at a point) and ``mean`` (the
+average over the groups that perturb separately), built by the skeleton."""
+
+
+def run_rule(
+    method: str,
+    perturbation: Perturbation | None,
+    run: RunRule,
+    updates: Any,
+    params: Any,
+    extra_args: Mapping[str, Any],
+    *,
+    gradient_factory: Callable[[Any, Mapping[str, Any]], Callable[[Any], Any]],
+    ascent_gradient_factory: Callable[[Any, Mapping[str, Any]], Callable[[Any], Any]],
+    split_argnames: Sequence[str] = (),
+) -> tuple[Any, Any]:
+  """The surrogate gradient and new state of one step under ``perturbation``.
+
+  ``updates`` is the gradient ``g`` the step was given; ``gradient_factory(params,
+  extra_args)`` gives ``∇L`` at a point with those extra arguments bound:
+
+  * ``perturbation=None``: the rule runs once on ``g``;
+  * :class:`~sam_optax.PerDevice`: the rule runs on the local ``g`` and the
+    local loss; the surrogate is averaged over the axis once;
+  * :class:`~sam_optax.Synced`: the rule sees ``g`` and every re-evaluated
+    gradient averaged over the axis;
+  * :class:`~sam_optax.Splits`: the rule runs per group of examples
+    (``jax.vmap``) with the group's gradient ``g_i`` (from
+    ``ascent_gradient_factory``, default ``gradient_factory``) and the
+    group's loss; the surrogate is the mean over the groups. The extra
+    arguments split are the option's ``batch_argnames`` and those of
+    ``split_argnames`` that ``update`` got (per-example inputs of the
+    method itself). With ``sequential=True`` the groups run one after the
+    other (:func:`mean_over_groups`): the surrogate and the floating leaves
+    of the new state are the means over the groups, so the rule's new state
+    must be an affine function of the values it averages with
+    ``Ascent.mean`` (true of every rule here but LookSAM's, which says so in
+    ``unsupported``);
+  * :class:`~sam_optax.MicroBatches`: the rule runs once on ``g`` (averaged
+    over the option's axis, if any); its ``gradient_fn`` is the mean over the
+    micro-batches of the per-micro-batch gradients (:func:`mean_over_groups`).
+
+  Returns:
+    ``(surrogate, new_state)``, the surrogate averaged over the option's axis.
+  """
+  axis_name = axis_of(perturbation)
+
+  def split(option: Splits | MicroBatches, names: Sequence[str]):
+    return split_arguments(method, extra_args, names, option.n, type(option).__name__)
+
+  if isinstance(perturbation, Synced):
+    local_gradient_fn = gradient_factory(params, extra_args)
+    return run(
+        mean_over_axis(updates, axis_name),
+        lambda point: mean_over_axis(local_gradient_fn(point), axis_name),
+        lambda tree: tree)
+  if isinstance(perturbation, MicroBatches):
+    micro_batches = split(perturbation, perturbation.batch_argnames)
+
+    def accumulated_gradient_fn(point):
+      return mean_over_axis(mean_over_groups(
+          lambda micro: gradient_factory(params, {**extra_args, **micro})(point),
+          micro_batches, perturbation.n), axis_name)
+
+    return run(mean_over_axis(updates, axis_name), accumulated_gradient_fn, lambda tree: tree)
+  if isinstance(perturbation, Splits):
+    sequential = perturbation.sequential
+    axes = axis_name if sequential else (
+        _GROUPS if axis_name is None else (_GROUPS, axis_name))
+
+    def one_group(group_args):
+      args = {**extra_args, **group_args}
+      group_grads = ascent_gradient_factory(params, args)(params)
+      return run(group_grads, gradient_factory(params, args),
+                 lambda tree: mean_over_axis(tree, axes))
+
+    groups = split(perturbation, tuple(perturbation.batch_argnames) + tuple(
+        name for name in split_argnames if name in extra_args))
+    if sequential:
+      # The surrogate and the state's floating leaves: means over the groups.
+      surrogate, new_state = mean_over_groups(one_group, groups, perturbation.n)
+    else:
+      surrogate, new_state = jax.vmap(one_group, axis_name=_GROUPS)(groups)
+      surrogate = jax.tree.map(lambda x: jnp.mean(x, axis=0), surrogate)
+      # The same in every group by the rule's contract (built from means).
+      new_state = jax.tree.map(lambda x: x[0], new_state)
+    return mean_over_axis(surrogate, axis_name), new_state
+  surrogate, new_state = run(
+      updates, gradient_factory(params, extra_args),
+      lambda tree: mean_over_axis(tree, axis_name))
+  return mean_over_axis(surrogate, axis_name), new_state

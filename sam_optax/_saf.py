@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sam_optax import _ascent
+from sam_optax import _checks, _numerics
 from sam_optax.losses import TrajectoryTarget
 
 _NO_END = np.iinfo(np.int32).max
@@ -94,15 +94,15 @@ def make_schedule(
   """Validates the hyperparameters and returns them as arrays."""
   if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
     raise ValueError(f"{method}: lam (λ) must be finite and >= 0, got lam={lam!r}.")
-  _ascent.check_positive("tau", tau, method)
-  _ascent.check_int("steps_per_epoch", steps_per_epoch, 1, method)
-  _ascent.check_int("start_epoch", start_epoch, 0, method)
+  _checks.check_positive("tau", tau, method)
+  _checks.check_int("steps_per_epoch", steps_per_epoch, 1, method)
+  _checks.check_int("start_epoch", start_epoch, 0, method)
   if start_epoch < min_start_epoch:
     raise ValueError(
         f"{method}: start_epoch={start_epoch} must be >= {min_start_epoch}"
         f"{why_min_start}.")
   if end_epoch is not None:
-    _ascent.check_int("end_epoch", end_epoch, 0, method)
+    _checks.check_int("end_epoch", end_epoch, 0, method)
     if end_epoch <= start_epoch + 1:
       raise ValueError(
           f"{method}: the trajectory loss is on for start_epoch < epoch <"
@@ -337,9 +337,9 @@ def saf(
   reject_injected(method, num_examples=num_examples, num_classes=num_classes,
                   steps_per_epoch=steps_per_epoch, lam=lam, tau=tau,
                   start_epoch=start_epoch, end_epoch=end_epoch, past_epochs=past_epochs)
-  _ascent.check_int("num_examples", num_examples, 1, method)
-  _ascent.check_int("num_classes", num_classes, 1, method)
-  _ascent.check_int("past_epochs", past_epochs, 1, method)
+  _checks.check_int("num_examples", num_examples, 1, method)
+  _checks.check_int("num_classes", num_classes, 1, method)
+  _checks.check_int("past_epochs", past_epochs, 1, method)
   schedule = make_schedule(
       method, lam=lam, tau=tau, steps_per_epoch=steps_per_epoch,
       start_epoch=start_epoch, end_epoch=end_epoch, min_start_epoch=past_epochs,
@@ -368,7 +368,7 @@ def saf(
   def update(updates, state, params=None, *, logits=None, example_index=None,
              example_mask=None, **extra_args):
     del params, extra_args
-    _ascent.check_not_wrapped("saf", apply_if_finite=False, multi_steps=(
+    _checks.check_not_wrapped("saf", apply_if_finite=False, multi_steps=(
         "which keeps the state of the call of the last micro-step only: the logit bank"
         " would record the logits of the last micro-batch of each step, not the others."
         " Drop MultiSteps and call update once per optimizer step with the gradient"
@@ -394,7 +394,7 @@ def saf(
     valid = example_mask_or_ones("saf: update", example_mask, batch)
     # Written after the gradient (which read the bank through saf_target), so
     # XLA updates the bank in place instead of copying it.
-    logits = _ascent.sequenced(jax.lax.stop_gradient(logits), updates)
+    logits = _numerics.sequenced(jax.lax.stop_gradient(logits), updates)
     if axis_name is not None:
       index, logits, valid = _all_gather((index, logits, valid), axis_name)
 

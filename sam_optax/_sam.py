@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import optax
 
-from sam_optax import _ascent
-from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax import _ascent, _numerics
+from sam_optax._ascent import Mask
+from sam_optax._checks import Radius
+from sam_optax._loss import LossFn
 from sam_optax._parallel import Perturbation
 
 
@@ -17,7 +19,7 @@ def sam(
     has_aux: bool = False,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Sharpness-Aware Minimization (Foret et al., ICLR 2021, arXiv:2010.01412).
 
@@ -150,7 +152,7 @@ def usam(
     has_aux: bool = False,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   """Unnormalized SAM, ``ŵ = w + ρ · g``: :func:`sam` with ``normalize=False``.
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import optax
 
-from sam_optax import _ascent
+from sam_optax import _checks, _numerics, _parallel
 
 
 def stable_sam(
     inner: optax.GradientTransformation,
     *,
     axis_name: str | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""StableSAM (Tan et al., JMLR, arXiv:2401.07250): a renormalizing wrapper.
 
@@ -61,14 +61,14 @@ def stable_sam(
     >>> bool(jnp.allclose(optax.tree.norm(updates), 0.05 * optax.tree.norm(grads)))
     True
   """
-  inner = _ascent.check_inner("stable_sam", inner)
-  _ascent.check_positive("eps", eps, "stable_sam")
-  _ascent.check_axis_name("stable_sam", axis_name)
+  inner = _checks.check_inner("stable_sam", inner)
+  _checks.check_positive("eps", eps, "stable_sam")
+  _checks.check_axis_name("stable_sam", axis_name)
 
   def update(updates, state, params=None, **extra_args):
-    _ascent.check_not_masked("stable_sam", updates, params, wrapper=True)
+    _checks.check_not_masked("stable_sam", updates, params, wrapper=True)
     surrogate, state = inner.update(updates, state, params, **extra_args)
-    exact = _ascent.mean_over_axis(updates, axis_name)
-    return _ascent.rescale_to_norm(surrogate, exact, eps), state
+    exact = _parallel.mean_over_axis(updates, axis_name)
+    return _numerics.rescale_to_norm(surrogate, exact, eps), state
 
   return optax.GradientTransformationExtraArgs(inner.init, update)

@@ -8,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
-from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax import _ascent, _checks, _numerics
+from sam_optax._ascent import Mask
+from sam_optax._checks import Radius
+from sam_optax._loss import LossFn
 from sam_optax._parallel import Perturbation
 
 
@@ -36,7 +38,7 @@ def vasso(
     has_aux: bool = False,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Variance-suppressed SAM (Li & Giannakis, NeurIPS 2023, arXiv:2309.15639).
 
@@ -94,7 +96,7 @@ def vasso(
     3
   """
   method = "vasso"
-  _ascent.check_in_range("theta", theta, 0.0, 1.0, method)
+  _checks.check_in_range("theta", theta, 0.0, 1.0, method)
 
   def init(params: optax.Params) -> VaSSOState:
     return VaSSOState(count=jnp.zeros([], jnp.int32),
@@ -103,7 +105,7 @@ def vasso(
 
   def rule(grads, state, ascent, *, rho):
     # d starts as the first gradient; this group's d, and the state's (the mean).
-    ema = lambda g: _ascent.moving_average(state.direction, g, 1.0 - theta,
+    ema = lambda g: _numerics.moving_average(state.direction, g, 1.0 - theta,
                                            started=state.started)
     surrogate = ascent.gradient_at(ascent.normalized(ema(grads)), rho)
     return surrogate, state._replace(direction=ema(ascent.mean(grads)),

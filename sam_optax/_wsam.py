@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent, _parallel
-from sam_optax._ascent import LossFn, Mask, Radius
+from sam_optax import _ascent, _checks, _numerics, _parallel
+from sam_optax._ascent import Mask
+from sam_optax._checks import Radius
+from sam_optax._loss import LossFn
 from sam_optax._parallel import Perturbation
 
 
@@ -29,9 +31,9 @@ class WSAMDecoupledState(NamedTuple):
 
 def _alpha(method: str, gamma: float) -> float:
   """``α = γ / (1 − γ)``, with ``γ ∈ [0, 1)`` checked."""
-  if _ascent._traced(gamma):  # pylint: disable=protected-access
+  if _checks.is_traced(gamma):  # pylint: disable=protected-access
     return gamma / (1.0 - gamma)  # under optax.inject_hyperparams and jit
-  number = _ascent._real(gamma)  # pylint: disable=protected-access
+  number = _checks.real_number(gamma)  # pylint: disable=protected-access
   if number is None or not 0.0 <= number < 1.0:
     raise ValueError(
         f"{method}: gamma must be in [0, 1) (the sharpness weight is"
@@ -67,7 +69,7 @@ def wsam(
     has_aux: bool = False,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Weighted SAM, coupled form (Yue et al., KDD 2023, arXiv:2305.15817).
 
@@ -134,7 +136,7 @@ def wsam_decoupled(
     has_aux: bool = False,
     perturbation: Perturbation | None = None,
     mask: Mask | None = None,
-    eps: float = _ascent.DEFAULT_EPS,
+    eps: float = _numerics.DEFAULT_EPS,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Weighted SAM, decoupled form: the whole optimizer around a base.
 
@@ -198,7 +200,7 @@ def wsam_decoupled(
     1
   """
   method = "wsam_decoupled"
-  base = _ascent.check_base(method, base_optimizer)
+  base = _checks.check_base(method, base_optimizer)
   _check_learning_rate(method, learning_rate)
   sharpness = _transformation(method, rho, gamma, False, loss_fn=loss_fn, has_aux=has_aux,
                               perturbation=perturbation, mask=mask, eps=eps)
@@ -208,20 +210,20 @@ def wsam_decoupled(
     return WSAMDecoupledState(sharpness.init(params), base.init(params))
 
   def update(updates, state, params=None, **extra_args):
-    step_size = _ascent.radius_at(learning_rate, state.sharpness.count)
+    step_size = _numerics.radius_at(learning_rate, state.sharpness.count)
     term, sharpness_state = sharpness.update(updates, state.sharpness, params, **extra_args)
     base_updates, base_state = base.update(
-        _ascent.mean_over_axis(updates, axis_name), state.base, params, **extra_args)
-    new_updates = _ascent.scaled_sum(base_updates, -step_size, term)
+        _parallel.mean_over_axis(updates, axis_name), state.base, params, **extra_args)
+    new_updates = _numerics.scaled_sum(base_updates, -step_size, term)
     return new_updates, WSAMDecoupledState(sharpness_state, base_state)
 
   return optax.GradientTransformationExtraArgs(init, update)
 
 
 def _check_learning_rate(method: str, value: Any) -> None:
-  if callable(value) or _ascent._traced(value):  # pylint: disable=protected-access
+  if callable(value) or _checks.is_traced(value):  # pylint: disable=protected-access
     return
-  number = _ascent._real(value)  # pylint: disable=protected-access
+  number = _checks.real_number(value)  # pylint: disable=protected-access
   if number is None or not math.isfinite(number):
     raise ValueError(
         f"{method}: learning_rate must be a finite float or an optax schedule"

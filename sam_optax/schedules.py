@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
-from sam_optax import _ascent
+from sam_optax import _checks
 
 
 def rho_schedule_from_lr(
@@ -43,9 +43,9 @@ def rho_schedule_from_lr(
     (0.05, 0.0)
   """
   method = "rho_schedule_from_lr"
-  _ascent.check_callable("lr_schedule", lr_schedule, method, required=True)
-  _ascent.check_radius("rho_max", rho_max, method)
-  _ascent.check_radius("rho_min", rho_min, method)
+  _checks.check_callable("lr_schedule", lr_schedule, method, required=True)
+  _checks.check_radius("rho_max", rho_max, method)
+  _checks.check_radius("rho_min", rho_min, method)
   if not lr_max > lr_min:
     raise ValueError(f"{method}: need lr_max > lr_min, got lr_max={lr_max!r}, lr_min={lr_min!r}.")
 

@@ -32,6 +32,7 @@ import pytest
 import reference as ref
 import reference_cheap as cheap
 import sam_optax
+from sam_optax import _checks
 from sam_cases import jax_problems, to_numpy
 
 K, RHO, ALPHA, LR, MOMENTUM, STEPS = 4, 0.1, 0.3, 0.05, 0.9, 3
@@ -394,6 +395,23 @@ def test_apply_if_finite_around_the_method_is_refused():
                      r"optax\.chain\(sam_optax\.sam\(\.\.\.\), optax\.apply_if_finite\("):
     jax.eval_shape(lambda: tx.update(jax.grad(poisoned_loss)(params, **args), tx.init(params),
                                      params, **args))
+
+
+def test_optax_still_names_the_updates_that_check_not_wrapped_looks_for():
+  """The refusals above find optax's updates by their private qualified names.
+
+  If an optax release renames them, the refusals would silently stop (the
+  placements would run, wrongly): this fails first, naming what changed.
+  """
+  multi_steps = optax.MultiSteps(optax.sgd(LR), every_k_schedule=2).update
+  apply_if_finite = optax.apply_if_finite(optax.sgd(LR), 5).update
+  for update, expected in ((multi_steps, _checks.MULTI_STEPS_UPDATE),
+                           (apply_if_finite, _checks.APPLY_IF_FINITE_UPDATE)):
+    code = update.__code__
+    assert code.co_qualname == expected, (
+        f"optax {optax.__version__} renamed {expected!r} to {code.co_qualname!r}:"
+        " update MULTI_STEPS_UPDATE / APPLY_IF_FINITE_UPDATE in sam_optax/_checks.py")
+    assert update.__module__.startswith("optax"), update.__module__
 
 
 def test_without_protection_the_nan_reaches_the_params():

@@ -46,7 +46,7 @@ import optax
 import pytest
 
 import sam_optax
-from sam_optax import _ascent, _parallel
+from sam_optax import _numerics, _parallel
 
 N, D, CLASSES = 8, 3, 3
 DEVICES = 8
@@ -140,13 +140,13 @@ def _method(constructor, loss=("loss_fn", "loss_fn"), **fixed):
 
 def _wrapper(wrap):
   """A row's ``make`` for ``wrap(sam(0.1, ...), axis_name)``."""
-  def make(problem, perturbation=None, rho=0.1, eps=_ascent.DEFAULT_EPS):
+  def make(problem, perturbation=None, rho=0.1, eps=_numerics.DEFAULT_EPS):
     inner = sam_optax.sam(rho, loss_fn=problem.loss_fn, perturbation=perturbation, eps=eps)
     return wrap(inner, _axis(perturbation))
   return make
 
 
-def _stable_sam(problem, perturbation=None, rho=0.1, eps=_ascent.DEFAULT_EPS):
+def _stable_sam(problem, perturbation=None, rho=0.1, eps=_numerics.DEFAULT_EPS):
   inner = sam_optax.usam(rho, loss_fn=problem.loss_fn, perturbation=perturbation)
   return sam_optax.stable_sam(inner, axis_name=_axis(perturbation), eps=eps)
 
@@ -335,7 +335,7 @@ def test_bfloat16_params(name, params, batch):
   # bf16 keeps 8 significant bits: the ascent point and every output are
   # rounded to ~0.4 %; allow a few of those relative to the gradient's size.
   scale = float(optax.tree.norm(out32["surrogate"])) + float(optax.tree.norm(out32["grads"]))
-  difference = float(_ascent.global_norm(jax.tree.map(
+  difference = float(_numerics.global_norm(jax.tree.map(
       lambda a, b: jnp.asarray(a, jnp.float32) - b, out16["surrogate"], out32["surrogate"])))
   assert difference <= 0.05 * scale + 1e-3, (difference, scale)
 

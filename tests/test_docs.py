@@ -59,6 +59,8 @@ def test_docs_build_and_every_public_name_has_an_api_entry(html):
                 "py:function" if inspect.isfunction(value) else "py:data")
     assert role == expected, (name, role)
   api = (html / "api.html").read_text()
+  # Every name is placed with its family in docs/api.rst, none left to the catch-all.
+  assert "Other public names" not in api, "place the new names in a section of docs/api.rst"
   sam_entry = api.split('id="sam_optax.sam"')[1].split('id="sam_optax.usam"')[0]
   assert 'class="math notranslate' in sam_entry  # the formula, rendered by MathJax
   assert "Foret et al." in sam_entry and "&gt;&gt;&gt;" in sam_entry  # reference, example

@@ -16,7 +16,7 @@ import numpy as np
 import reference as ref
 import sam_cases as cases
 import sam_optax
-from sam_optax import _ascent
+from sam_optax import _numerics
 
 N, D, CLASSES = 6, 3, 3
 PROBLEM = cases.JaxProblem(
@@ -51,8 +51,8 @@ def test_norm_and_inner_product_accumulate_in_float32(steps, signs):
   flat = np.concatenate([np.asarray(leaf, np.float64).ravel() for leaf in jax.tree.leaves(tree)])
   flat_other = np.concatenate(
       [np.asarray(leaf, np.float64).ravel() for leaf in jax.tree.leaves(other)])
-  norm = _ascent.global_norm(tree)
-  inner = _ascent.vdot(tree, other)
+  norm = _numerics.global_norm(tree)
+  inner = _numerics.vdot(tree, other)
   assert norm.dtype == jnp.float32 and inner.dtype == jnp.float32
   np.testing.assert_allclose(float(norm), np.linalg.norm(flat), rtol=2e-7)
   np.testing.assert_allclose(float(inner), flat @ flat_other,
