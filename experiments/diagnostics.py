@@ -518,9 +518,7 @@ def describe(summary: Mapping[str, Any]) -> str:
       f" O(ρ^{orders['bsam_orthogonal_residual']:.2f}). On a quadratic BSAM's part along n is"
       " O(ρ³), not only o(ρ): the gradients are exactly `g ± ρHn`, and the log of the norm"
       " ratio ‖g + ρHn‖/‖g − ρHn‖ is odd in ρ, so the ρ² terms cancel too (a loss with a third"
-      " derivative leaves an O(ρ²) term). The radii stay ≥ 0.05 because the library"
-      " accumulates norms in float32 (`global_norm`), float64 inputs included: BSAM's part"
-      " along n meets a floor of a few 1e-7 near ρ = 0.01.", ""]
+      " derivative leaves an O(ρ²) term).", ""]
   extra = summary["bsam_extra_step"]
   if extra:
     lines += [

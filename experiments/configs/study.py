@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "ratio_every": 10,
       "quadratic_dim": 20,
       "quadratic_seed": 0,
-      "quadratic_rhos": (0.4, 0.2, 0.1, 0.05),
+      "quadratic_rhos": (0.1, 0.03, 0.01, 0.003, 0.001),
       "extra_step_arms": ("bsam-paper", "bsam"),
       "extra_step_seeds": (0, 1, 2),
   })
