@@ -344,10 +344,11 @@ def verdict_table(rows: Sequence[Row]) -> str:
 
 
 def write(study, workdir: str, arms, results: Results, tuning, tuned,
-          machine: Mapping[str, Any] | None = None) -> dict[str, Any]:
+          recorded: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Writes verdicts.md, study.json and the figures; returns the JSON summary.
 
-  ``machine``: where the runs were trained (default: this machine).
+  ``recorded``: a study.json whose ``config`` and ``machine`` (what the runs were
+  trained with, and where) are kept (default: ``study`` and this machine).
   """
   labels = {arm.name: arm.label or arm.name for arm in arms}
   rows = verdict_rows(study, results, tuned)
@@ -375,8 +376,8 @@ def write(study, workdir: str, arms, results: Results, tuning, tuned,
                         "runs": [{k: v for k, v in run.items() if k != "history"}
                                  for run in results[a.name]]}
                for a in arms if a.name in results},
-      "config": study.to_dict(),
-      "machine": dict(machine) if machine is not None else {
+      "config": recorded["config"] if recorded else study.to_dict(),
+      "machine": recorded["machine"] if recorded else {
           "platform": platform.platform(), "jax": jax.__version__,
           "devices": [str(d) for d in jax.devices()]},
       "figures": {k: os.path.basename(v) for k, v in figures.items()},
@@ -449,22 +450,27 @@ def rewrite(workdir: str) -> dict[str, Any]:
 
   The verdicts are recomputed from the recorded runs (and the cost claims from
   the committed benchmark run, :mod:`experiments.costs`); the arms, tuning and
-  machine are the recorded ones. ``python -m experiments.study_report`` calls it.
+  machine are the recorded ones (a config field added since the study ran takes
+  its default from ``experiments/configs/study.py``). ``python -m
+  experiments.study_report`` calls it.
   """
   import ml_collections  # pylint: disable=import-outside-toplevel
 
   from experiments import study as study_lib  # pylint: disable=import-outside-toplevel
+  from experiments.configs import study as study_config  # pylint: disable=import-outside-toplevel
 
   with open(os.path.join(workdir, "study.json"), encoding="utf-8") as stream:
     recorded = json.load(stream)
   study = ml_collections.ConfigDict(recorded["config"])
+  for key, value in study_config.get_config().items():  # fields added since: today's defaults
+    if key not in study:
+      study[key] = value
   arms = [study_lib.Arm(name, arm["regime"], arm["method"], label=arm["label"])
           for name, arm in recorded["arms"].items()]
   results = {name: arm["runs"] for name, arm in recorded["arms"].items()}
   tuning = {key: {float(value): accuracy for value, accuracy in values.items()}
             for key, values in recorded["tuning"].items()}
-  return write(study, workdir, arms, results, tuning, recorded["tuned"],
-               machine=recorded["machine"])
+  return write(study, workdir, arms, results, tuning, recorded["tuned"], recorded=recorded)
 
 
 if __name__ == "__main__":
