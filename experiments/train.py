@@ -201,13 +201,21 @@ def build_step(config, pipeline, placement: Placement, model, batch_stats) -> St
                    train_step=train_step, jit_step=jit_step, axis_name=axis_name)
 
 
-def create_run(config, pipeline, placement: Placement | None = None) -> Run:
-  """Builds the model, the optimizer, the initial state and the jitted steps."""
+def create_run(config, pipeline, placement: Placement | None = None, *,
+               wrap_optimizer: Any = None) -> Run:
+  """Builds the model, the optimizer, the initial state and the jitted steps.
+
+  ``wrap_optimizer``: ``wrap_optimizer(tx) -> tx`` replaces the run's whole
+  optimizer chain by a wrapper of it (a study diagnostic's change of the
+  step, :mod:`experiments.diagnostics`); None: the chain as built.
+  """
   placement = placement or Placement(config, pipeline)
   model = make_model(config, pipeline)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   initial = jax.jit(functools.partial(init_variables, model, pipeline.input_shape))(init_rng)
   parts = build_step(config, pipeline, placement, model, initial.get("batch_stats", {}))
+  if wrap_optimizer is not None:
+    parts = dataclasses.replace(parts, tx=wrap_optimizer(parts.tx))
   # Created in its shardings (config.shard_state), a fresh buffer for every
   # leaf: a transform's init may alias the params (e.g. an EMA started as a
   # copy of them), and the step donates the state.
