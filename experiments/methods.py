@@ -154,8 +154,7 @@ class Step:
   """How the training step feeds a method.
 
   Attributes:
-    name: ``standard``, ``esam``, ``saf`` or ``mesa`` (the benchmarks pick
-      their step program by it).
+    name: ``standard``, ``esam``, ``saf`` or ``mesa``.
     update_args: ``update_args(loss_args, logits, per_example_losses) ->
       dict``, the extra arguments of ``tx.update`` (``loss_args``: the
       keyword arguments of ``loss_fn``).

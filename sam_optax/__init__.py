@@ -8,10 +8,11 @@ function and is chained before a base optimizer::
 
 This file is the API: the implementations live in private modules, one per
 method (``_sam.py``, ``_gsam.py``, ...) on the skeleton of ``_ascent.py``;
-``losses`` and ``schedules`` are the public submodules.
+``losses``, ``schedules`` and ``sharpness`` (measuring it: the Hessian's
+spectrum, m-sharpness, adaptive sharpness) are the public submodules.
 """
 
-from sam_optax import losses, schedules
+from sam_optax import losses, schedules, sharpness
 from sam_optax._accumulation import accumulated_grad
 from sam_optax._asam import asam, not_a_bias
 from sam_optax._ascent import SAMState
@@ -83,6 +84,7 @@ __all__ = [
     "sam",
     "sampa",
     "schedules",
+    "sharpness",
     "stable_sam",
     "stochastic_sam",
     "takes_ascent_step",

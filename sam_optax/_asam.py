@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from sam_optax import _ascent, _checks, _numerics
-from sam_optax._ascent import Mask
+from sam_optax._ascent import Ascent, Mask
 from sam_optax._checks import Radius
 from sam_optax._loss import LossFn
 from sam_optax._parallel import Perturbation
@@ -34,6 +34,48 @@ def not_a_bias(params: optax.Params) -> Any:
     return not (isinstance(name, str) and "bias" in name.lower())
 
   return jax.tree_util.tree_map_with_path(is_scaled, params)
+
+
+def adaptive_step(
+    ascent: Ascent,
+    grads: optax.Updates,
+    rho: jax.Array | float,
+    *,
+    eta: float,
+    adaptive_mask: Any | Callable[[optax.Params], Any] = not_a_bias,
+) -> tuple[Any, jax.Array]:
+  r"""ASAM's perturbation ``ε = step · direction``, the whole of its difference from SAM.
+
+  .. math::
+
+    T_w = |w| + η \ (T_w = 1 \text{ off the adaptive mask}), \qquad
+    \text{direction} = T_w (m ⊙ T_w g), \qquad
+    \text{step} = ρ / (‖m ⊙ T_w g‖ + δ),
+
+  with ``m`` the perturbation mask of ``ascent``, in float32. :func:`asam`
+  re-evaluates the gradient at ``ascent.perturbed_params(direction, step)``;
+  :func:`sam_optax.sharpness.m_sharpness` (``method="asam"``) the loss there.
+
+  Args:
+    ascent: the neighbourhood of ``w`` (its params, mask and δ).
+    grads: ``g``, the gradient at ``w``.
+    rho: the radius ρ.
+    eta: η ≥ 0.
+    adaptive_mask: see :func:`asam`.
+
+  Returns:
+    ``(direction, step)``: a float32 pytree like the params and a scalar.
+  """
+  adaptive = adaptive_mask(ascent.params) if callable(adaptive_mask) else adaptive_mask
+  scale = jax.tree.map(
+      lambda w, scaled: (jnp.abs(_numerics.at_least_float32(w)) + eta)
+      if scaled else jnp.ones([], jnp.float32),
+      ascent.params, adaptive,
+  )
+  scaled_grads = ascent.restrict(jax.tree.map(
+      lambda t, g: t * _numerics.at_least_float32(g), scale, grads))
+  direction = jax.tree.map(lambda t, tg: t * tg, scale, scaled_grads)
+  return direction, _numerics.divide_by_norm(rho, scaled_grads, ascent.eps)
 
 
 def asam(
@@ -102,17 +144,8 @@ def asam(
         " 'adaptive_mask')).")
 
   def rule(grads, state, ascent, *, rho):
-    adaptive = adaptive_mask(ascent.params) if callable(adaptive_mask) else adaptive_mask
-    scale = jax.tree.map(
-        lambda w, scaled: (jnp.abs(jnp.asarray(w, jnp.float32)) + eta)
-        if scaled else jnp.ones([], jnp.float32),
-        ascent.params, adaptive,
-    )
-    scaled_grads = ascent.restrict(jax.tree.map(
-        lambda t, g: t * jnp.asarray(g, jnp.float32), scale, grads))
-    epsilon = jax.tree.map(lambda t, tg: t * tg, scale, scaled_grads)
-    step = _numerics.divide_by_norm(rho, scaled_grads, ascent.eps)
-    return ascent.gradient_at(epsilon, step), state
+    direction, step = adaptive_step(ascent, grads, rho, eta=eta, adaptive_mask=adaptive_mask)
+    return ascent.gradient_at(direction, step), state
 
   return _ascent.transformation(
       "asam", rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,

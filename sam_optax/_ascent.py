@@ -119,11 +119,15 @@ class Ascent:
     """``m ⊙ tree / (‖m ⊙ tree‖ + δ)`` in float32: the norm over the masked leaves."""
     return _numerics.normalized(self.restrict(tree), self.eps)
 
+  def perturbed_params(self, direction: Any, scale: jax.Array) -> optax.Params:
+    """``ŵ = w + scale · m ⊙ direction``, in the parameters' dtypes."""
+    return _numerics.ascent_point(self.params, self.restrict(direction), scale)
+
   def gradient_at(self, direction: Any, scale: jax.Array) -> optax.Updates:
     """``∇L(w + scale · m ⊙ direction)``, the gradient at the perturbed point."""
     if self.gradient_fn is None:
       raise ValueError("this method re-evaluates no gradient (Ascent built without gradient_fn).")
-    return self.gradient_fn(_numerics.ascent_point(self.params, self.restrict(direction), scale))
+    return self.gradient_fn(self.perturbed_params(direction, scale))
 
 
 Rule: TypeAlias = Callable[..., tuple[optax.Updates, Any]]

@@ -68,18 +68,32 @@ def loss_arguments(
     fn_name: str,
     fn: Callable[..., Any],
     extra_args: Mapping[str, Any],
+    *,
+    source: str | None = None,
 ) -> dict[str, Any]:
   """The extra arguments of ``update`` that go to ``fn``, checked by name.
+
+  ``source``: where the arguments come from when it is not ``update`` (the
+  batches of :mod:`sam_optax.sharpness`, ``"batches[0]"``); then every key
+  goes to ``fn``, and the messages name that source.
 
   Raises:
     TypeError: naming the keyword, if ``fn`` cannot take one of them, or
       naming the missing ones, if ``fn`` requires one that ``update`` did
       not get.
   """
-  arguments = {k: v for k, v in extra_args.items() if k not in _NOT_FOR_THE_LOSS}
+  if source is None:
+    arguments = {k: v for k, v in extra_args.items() if k not in _NOT_FOR_THE_LOSS}
+  else:
+    arguments = dict(extra_args)
   accepted = _accepted_keywords(fn)
   if accepted is not None:
     unknown = sorted(set(arguments) - accepted)
+    if unknown and source is not None:
+      raise TypeError(
+          f"{method}: {source} has key(s) {unknown} that"
+          f" {fn_name}{_signature_text(fn)} does not accept. The keys of each"
+          f" batch are passed to {fn_name} by keyword; it accepts {sorted(accepted)}.")
     if unknown:
       raise TypeError(
           f"{method}: update() got extra argument(s) {unknown} that"
@@ -88,6 +102,11 @@ def loss_arguments(
           f" accepts {sorted(accepted)}."
       )
   missing = sorted(_required_keywords(fn) - set(arguments))
+  if missing and source is not None:
+    raise TypeError(
+        f"{method}: {fn_name}{_signature_text(fn)} requires {missing}, but"
+        f" {source} has {sorted(arguments) or 'no keys'}: pass batches as"
+        " mappings of the keyword arguments of the loss, e.g. {'x': x, 'y': y}.")
   if missing:
     raise TypeError(
         f"{method}: {fn_name}{_signature_text(fn)} requires {missing}, but"

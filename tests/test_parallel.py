@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sam_optax
 import test_common as common
+from devices import replicate, shard as shards
 
 N_DEVICES = 8
 PER_DEVICE = 4
@@ -57,14 +58,6 @@ def problem():
       "bias": jnp.asarray(rng.normal(size=(N_CLASSES,)) * 0.1, jnp.float32),
   }
   return params, (jnp.asarray(x), jnp.asarray(y))
-
-
-def shards(batch):
-  return jax.tree.map(lambda a: a.reshape((N_DEVICES, PER_DEVICE) + a.shape[1:]), batch)
-
-
-def replicate(tree):
-  return jax.tree.map(lambda a: jnp.broadcast_to(a, (N_DEVICES,) + a.shape), tree)
 
 
 def pmapped_surrogate(tx, params, batch):
