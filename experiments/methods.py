@@ -47,7 +47,7 @@ import sam_optax
 PLUMBING = frozenset({
     "inner", "base_optimizer", "loss_fn", "logits_fn", "has_aux", "axis_name", "perturbation", "mask",
     "batch_argnames", "eps", "adaptive_mask", "num_examples", "num_classes",
-    "steps_per_epoch", "bank_dtype", "check_indices", "model_state", "seed"})
+    "steps_per_epoch", "bank_dtype", "check_indices", "model_state", "seed", "output_axis"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,6 +42,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 
 def _check_n(kind: str, n: object) -> None:
@@ -271,7 +272,7 @@ class TwoGroups:
     ('pair', 'data')
   """
 
-  mesh: object
+  mesh: Mesh
   pair_axis: str = "pair"
   data_axis: str | None = "data"
   batch_argnames: Sequence[str] = ("batch",)

@@ -306,6 +306,9 @@ def test_the_hparams_are_the_constructors_defaults():
   assert hparams.esam.to_dict() == {"rho": 0.05, "beta": 0.5, "gamma": 0.5}
   assert hparams.stable_sam.normalize is False  # the registry row's: USAM inside
   assert hparams.saf.start_epoch is None and hparams.saf.lam == 0.3
+  # SAMPa's base optimizer is the trainer's (plumbing), not a hyperparameter.
+  assert hparams.sampa.to_dict() == {"rho": 0.1, "lam": 0.2}
+  assert hparams.gcsam.to_dict() == {"rho": 0.05}
 
 
 def test_a_new_library_method_is_one_registry_row(monkeypatch, tmp_path):
