@@ -191,7 +191,10 @@ def main() -> int:
       " sequential form as one `vmap` over the pair of batch-sharded convolutions under a"
       " sharded `jit` was partitioned into 66 all-gathers and 5.2× SGD's flops per device"
       " (on a narrower ResNet); both are gone (each group selects its point and batch;"
-      " the sequential form is two gradient calls).",
+      " the sequential form is two gradient calls). Each group also takes its plain"
+      " gradient rather than a `vmap` over its slot of size 1: with the `vmap` one run"
+      " measured 1.72× SAM's wall time (load average 9–14), without it 0.94× (the run"
+      " below); single runs on a loaded machine, so a hint, not a measurement.",
       "",
       "## Wall time on this CPU (interleaved)",
       "",
