@@ -154,6 +154,10 @@ STATEFUL = [
              dict(base_optimizer=_momentum_sgd(), learning_rate=LR, rho=RHO, gamma=0.7,
                   loss_fn=loss_fn), whole=True),
     Stateful("msam", sam_optax.msam, dict(base_optimizer=_momentum_sgd(), rho=0.3), whole=True),
+    # The whole optimizer; its state holds the auxiliary point's gradient and
+    # the base's momentum. Both gradients take the current batch here.
+    Stateful("sampa", sam_optax.sampa, dict(base_optimizer=_momentum_sgd(), rho=RHO, lam=0.2,
+                                            loss_fn=loss_fn), whole=True),
     # Under Synced each device selects among its own examples: no
     # single-device option selects per device with the averaged ascent.
     Stateful("esam", sam_optax.esam, dict(rho=RHO, beta=0.5, gamma=0.5, seed=3,
