@@ -42,6 +42,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from sam_optax import _checks
 from jax.sharding import Mesh
 
 
@@ -487,6 +489,7 @@ def run_rule(
     ``(surrogate, new_state)``, the surrogate averaged over the option's axis.
   """
   axis_name = axis_of(perturbation)
+  _checks.check_axis_not_checked_for_vma(method, axis_name, updates, params, dict(extra_args))
 
   def split(option: Splits | MicroBatches, names: Sequence[str]):
     return split_arguments(method, extra_args, names, option.n, type(option).__name__)
