@@ -10,7 +10,9 @@ training step. Every step is the canonical one of the library::
   params = optax.apply_updates(params, updates)
 
 with the same base optimizer (SGD, momentum 0.9) after every method, so the
-only difference between two rows of the table is the method.
+only difference between two rows of the table is the method. How the step
+feeds a method (ESAM's per-example losses, SAF's and MESA's trajectory loss)
+is the registry's :class:`experiments.methods.Step`, as in the trainer.
 
 With ``axis_name`` (the device-scaling study) the step runs inside
 ``shard_map`` over a mesh axis of that name, the batch split across devices:
@@ -36,7 +38,6 @@ import jax.numpy as jnp
 import optax
 
 import sam_optax
-from sam_optax._parallel import mean_over_axis
 from benchmarks.tasks import Batch, Task
 from experiments import methods as registry
 
@@ -130,11 +131,16 @@ def _initial_state(task: Task, tx: optax.GradientTransformation) -> Callable[[],
   return lambda: (task.params, task.batch_stats, tx.init(task.params))
 
 
+def _mean_over(tree: Any, axis_name: str | None) -> Any:
+  """``jax.lax.pmean`` of ``tree`` over ``axis_name`` (``tree`` itself without one)."""
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
 def _finish(params, updates, new_stats, opt_state, loss, axis_name):
   """The end of every step: apply the updates, sync the statistics and loss."""
   params = optax.apply_updates(params, updates)
-  new_stats = mean_over_axis(new_stats, axis_name)
-  return (params, new_stats, opt_state), mean_over_axis(loss, axis_name)
+  new_stats = _mean_over(new_stats, axis_name)
+  return (params, new_stats, opt_state), _mean_over(loss, axis_name)
 
 
 def training_program(
@@ -143,23 +149,49 @@ def training_program(
     axis_name: str | None,
     *,
     mean_gradient: bool,
+    feed: registry.Step = registry.STANDARD,
 ) -> Program:
   """The canonical training step with transformation ``tx``.
 
+  ``feed``: how the step feeds the method, the registry's
+  :class:`~experiments.methods.Step` (the trainer's too): the extra arguments
+  of ``tx.update`` -- the loss's own arguments for the SAM family, ESAM's
+  per-example losses, SAF's logits and example indices, MESA's BatchNorm
+  statistics -- and, for SAF and MESA, the trajectory target read before the
+  pass (the bank's logits; MESA's EMA weights' forward in evaluation mode),
+  whose loss joins the task loss in the one forward and backward pass.
   ``mean_gradient``: average the gradient across ``axis_name`` before ``tx``
-  (SGD); the SAM methods take the local gradient and average their output.
+  (SGD, SAF, MESA); the SAM methods take the local gradient and average their
+  output.
   """
   tx = optax.with_extra_args_support(tx)
 
+  def objective(params, batch, batch_stats, target):
+    losses, (new_stats, logits) = task.per_example_loss_fn(params, batch, batch_stats)
+    loss = losses.mean()
+    if target is not None:
+      loss = loss + sam_optax.losses.trajectory_loss(logits, target)
+    return loss, (new_stats, logits, losses)
+
+  def predict(params, batch_stats, x):  # MESA's teacher: the model in evaluation mode
+    return task.forward(params, batch_stats, x, train=False)[0]
+
   def step(state, batch, ascent_step=None):
     params, batch_stats, opt_state = state
-    (loss, (new_stats, _)), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(
-        params, batch=batch, batch_stats=batch_stats)
+    loss_args = {"batch": batch, "batch_stats": batch_stats}
+    target = None if feed.target is None else feed.target(
+        opt_state, params, batch_stats, batch, predict)
+    if feed is registry.SAMPA:  # it takes no gradient at w: a forward pass only
+      loss, (new_stats, logits, losses) = objective(params, target=target, **loss_args)
+      grads = params
+    else:
+      (loss, (new_stats, logits, losses)), grads = jax.value_and_grad(
+          objective, has_aux=True)(params, target=target, **loss_args)
     if mean_gradient:
-      grads = mean_over_axis(grads, axis_name)
+      grads = _mean_over(grads, axis_name)
     phase = {} if ascent_step is None else {"ascent_step": ascent_step}
     updates, opt_state = tx.update(
-        grads, opt_state, params, batch=batch, batch_stats=batch_stats, **phase)
+        grads, opt_state, params, **feed.update_args(loss_args, logits, losses), **phase)
     return _finish(params, updates, new_stats, opt_state, loss, axis_name)
 
   return Program(_initial_state(task, tx), step,
@@ -205,7 +237,7 @@ def fused_sam(task: Task, axis_name: str | None = None) -> Program:
     scale = RHO / (norm + 1e-12)
     perturbed = jax.tree.map(lambda w, g: w + scale * g, params, grads)
     _, sam_grads = grad_fn(perturbed, batch, batch_stats)
-    sam_grads = mean_over_axis(sam_grads, axis_name)
+    sam_grads = _mean_over(sam_grads, axis_name)
     updates, opt_state = base.update(sam_grads, opt_state, params)
     return _finish(params, updates, new_stats, opt_state, loss, axis_name)
 
@@ -268,106 +300,6 @@ ALTERNATIVES: tuple[Method, ...] = (
 )
 
 
-# --------------------------------------------------------------------------
-# The efficient methods: their training steps differ from the canonical one.
-# --------------------------------------------------------------------------
-
-
-def _steps_per_epoch(task: Task) -> int:
-  return -(-task.num_examples // task.batch["y"].shape[0])
-
-
-def saf_program(task: Task, tx: optax.GradientTransformation,
-                axis_name: str | None = None) -> Program:
-  """SAF's step (its docstring's): one forward + backward, the KL in the loss.
-
-  ``saf_target`` reads the bank before the forward pass; the trajectory loss
-  joins the task loss; ``update`` stores this step's logits.
-  """
-
-  def step(state, batch):
-    params, batch_stats, opt_state = state
-    target = sam_optax.saf_target(opt_state, batch["index"])
-    (loss, (new_stats, logits)), grads = _with_trajectory_loss(task, target)(
-        params, batch, batch_stats)
-    grads = mean_over_axis(grads, axis_name)
-    updates, opt_state = tx.update(grads, opt_state, params, logits=logits,
-                                   example_index=batch["index"])
-    return _finish(params, updates, new_stats, opt_state, loss, axis_name)
-
-  return Program(_initial_state(task, tx), step)
-
-
-def _with_trajectory_loss(task: Task, target: Any):
-  """``value_and_grad`` of the task loss plus SAF / MESA's trajectory loss."""
-
-  def loss_fn(params, batch, batch_stats):
-    loss, (new_stats, logits) = task.loss_fn(params, batch, batch_stats)
-    return loss + sam_optax.losses.trajectory_loss(logits, target), (new_stats, logits)
-
-  return jax.value_and_grad(loss_fn, has_aux=True)
-
-
-def mesa_program(task: Task, tx: optax.GradientTransformation,
-                 axis_name: str | None = None) -> Program:
-  """MESA's step (its docstring's): SAF's, the target from the EMA model.
-
-  The EMA weights (and BatchNorm statistics) run one forward in evaluation
-  mode, without gradient. The loss is on from the second step
-  (``steps_per_epoch=1, start_epoch=0``, :data:`SETTINGS`), so every timed
-  step pays the EMA forward that ``mesa_target`` skips while it is off.
-  """
-  tracked_stats = task.has_batch_stats
-
-  def step(state, batch):
-    params, batch_stats, opt_state = state
-    tracked = {"model_state": batch_stats} if tracked_stats else {}
-
-    def teacher(ema_params, ema_stats=batch_stats):
-      return task.forward(ema_params, ema_stats, batch["x"], train=False)[0]
-
-    target = sam_optax.mesa_target(opt_state, params, teacher, **tracked)
-    (loss, (new_stats, _)), grads = _with_trajectory_loss(task, target)(
-        params, batch, batch_stats)
-    grads = mean_over_axis(grads, axis_name)
-    updates, opt_state = tx.update(grads, opt_state, params, **tracked)
-    return _finish(params, updates, new_stats, opt_state, loss, axis_name)
-
-  return Program(_initial_state(task, tx), step)
-
-
-def esam_program(task: Task, tx: optax.GradientTransformation,
-                 axis_name: str | None = None) -> Program:
-  """ESAM's step (its docstring's): per-example losses, passed to ``update``.
-
-  The training step's forward gives ``ℓ_i(w)`` (``per_example_losses``), so
-  ``update`` runs one forward at ``w + ε`` and one forward and backward on
-  the ``⌈γB⌉`` examples of highest sharpness.
-  """
-
-  def mean_loss(params, batch, batch_stats):
-    losses, aux = task.per_example_loss_fn(params, batch, batch_stats)
-    return losses.mean(), (losses, aux)
-
-  def step(state, batch):
-    params, batch_stats, opt_state = state
-    (loss, (losses, (new_stats, _))), grads = jax.value_and_grad(mean_loss, has_aux=True)(
-        params, batch, batch_stats)
-    updates, opt_state = tx.update(grads, opt_state, params, batch=batch,
-                                   batch_stats=batch_stats, per_example_losses=losses)
-    return _finish(params, updates, new_stats, opt_state, loss, axis_name)
-
-  return Program(_initial_state(task, tx), step)
-
-
-def _standard_program(task, tx, axis_name=None):
-  return training_program(task, tx, axis_name, mean_gradient=False)
-
-
-# The step program of each kind of registry step (registry.Step.name).
-PROGRAMS = {"standard": _standard_program, "saf": saf_program, "mesa": mesa_program,
-            "esam": esam_program}
-
 # Phases of a method that takes its SAM step when ``count % k == 0``: the SAM
 # step (weight 1/k), XLA's count of the costliest branch, and the step after
 # 1 step (a cheap one, the k − 1 others are alike), its count folded.
@@ -411,12 +343,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
                      " examples"},
     "saf": {"rows": (("saf", {"start_epoch": 5}),),
             "note": "KL to the logit bank joins the single backward pass"},
+    # MESA's loss is on from the second step, so every timed step pays the EMA
+    # forward that ``mesa_target`` skips while it is off.
     "mesa": {"rows": (("mesa", {"start_epoch": 0}),), "steps_per_epoch": 1,
              "note": "plus one forward of the EMA weights (evaluation mode)"},
 }
 
 
 def _steps_per_epoch(task: Task) -> int:
+  """Batches of the task's batch size in its (notional) training set."""
   return -(-task.num_examples // task.batch["y"].shape[0])
 
 
@@ -438,8 +373,13 @@ def registry_program(method: registry.Method, hparams: dict[str, Any],
 
   def build(task: Task, axis_name: str | None = None) -> Program:
     context = _context(task, axis_name, steps_per_epoch)
-    tx = optax.chain(registry.build(method, context, hparams), base_optimizer())
-    return PROGRAMS[method.step.name](task, tx, axis_name)
+    if method.wraps_base:  # SAMPa: the whole optimizer around the base
+      tx = registry.build(method, context, hparams, base=base_optimizer())
+    else:
+      tx = optax.chain(registry.build(method, context, hparams), base_optimizer())
+    # SAF and MESA (a trajectory target) perturb nothing: their gradient is averaged as SGD's.
+    return training_program(task, tx, axis_name, mean_gradient=method.step.target is not None,
+                            feed=method.step)
 
   return build
 

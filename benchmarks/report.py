@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import measure
-from benchmarks.methods import Method
+from benchmarks.methods import STATIC, Method
 
 SGD = "sgd"
 FUSED = "hand-written fused SAM"
@@ -204,6 +204,10 @@ def diagnose(task: Mapping[str, Any]) -> list[str]:
   * working memory: a method that re-evaluates the gradient should need no
     more scratch memory than SAM, plus the gradients it keeps; more than SAM's
     by 3 parameter copies and 10% is reported;
+  * a method's SAM steps inside its ``lax.cond`` more than 1.5× slower than
+    SAM's step (XLA:CPU's convolutions in a conditional), with its static
+    phase's time; a static phase more than 1.5× slower than its ``lax.cond``
+    (the host read of the phase, on sub-millisecond steps);
   * flops more than 5% away from the theoretical count.
   """
   rows = task["rows"]
@@ -261,6 +265,7 @@ def diagnose(task: Mapping[str, Any]) -> list[str]:
         layouts = (f"; {sum(odd.values())} of its convolutions have layouts"
                    f" ({', '.join(sorted(odd))}) that SGD's and SAM's compiled steps do"
                    " not have" if odd else "")
+        static = by_name.get(r["method"] + STATIC)
         lines.append(
             f"**{r['method']}**: its SAM steps (inside `lax.cond`) take"
             f" {full * 1e3:.1f} ms against {sam['time_median'] * 1e3:.1f} ms for sam's"
@@ -268,12 +273,23 @@ def diagnose(task: Mapping[str, Any]) -> list[str]:
             f" {sgd['time_median'] * 1e3:.1f} ms{layouts}. XLA:CPU does not give the"
             " convolutions of a conditional's branch the layout of its fast (Eigen)"
             " convolution and runs them through its naive loop emitter"
-            " (jax-ml/jax#12868, convolutions in a loop body; a convolution's"
-            " gradient alone measures 5 ms plain and 167 ms inside `lax.cond` here)."
-            " The flops are those of 1 + 1/k gradients; the time is not, on CPU."
-            " On CPU, choose the phase when tracing instead (`update(...,"
-            " ascent_step=sam_optax.takes_ascent_step(opt_state))`: the"
-            " '(static phase)' rows).")
+            " (jax-ml/jax#12868, convolutions in a loop body). The flops are those of"
+            " 1 + 1/k gradients; the time is not, on CPU. The static phase"
+            " (`update(..., ascent_step=sam_optax.takes_ascent_step(opt_state))`, a"
+            " compiled step per phase, no `lax.cond`) avoids it"
+            + (f": **{static['method']}** takes {static['ratio_median']:.2f}× SGD's step"
+               f" time against {r['ratio_median']:.2f}× here" if static is not None else "")
+            + "; the trainer uses it on CPU for models with convolutions"
+            " (`config.phase='auto'`).")
+    cond = by_name.get(r["method"].removesuffix(STATIC)) if r["method"].endswith(STATIC) else None
+    if cond is not None and r["ratio_median"] > 1.5 * cond["ratio_median"]:
+      lines.append(
+          f"**{r['method']}**: {r['ratio_median']:.2f}× SGD's step time against"
+          f" {cond['ratio_median']:.2f}× with `lax.cond`: before each call the phase of"
+          " the step is read on the host (`sam_optax.takes_ascent_step`), which waits for"
+          f" the previous step, and here SGD's step takes {sgd['time_median'] * 1e3:.2f} ms."
+          " For models without convolutions the trainer keeps `lax.cond`"
+          " (`config.phase='auto'`).")
     if r["group"] == "sam_optax" and abs(r["theory_deviation"]) > THEORY_TOLERANCE:
       lines.append(
           f"**{r['method']}**: flops {r['flops_ratio']:.3f}× SGD against"

@@ -142,11 +142,11 @@ def compile_step(spec: str, method: str) -> dict[str, Any]:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   from benchmarks import measure  # pylint: disable=import-outside-toplevel
-  from experiments import train  # pylint: disable=import-outside-toplevel
+  from experiments import config_checks, train  # pylint: disable=import-outside-toplevel
   from experiments.placement import Placement  # pylint: disable=import-outside-toplevel
 
   config = load_config(spec, method)
-  train.validate_config(config)
+  config_checks.validate_config(config)
   data = DataShape.of(config)
   placement = Placement(config, data)
   if placement.mesh is None:

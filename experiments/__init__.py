@@ -7,7 +7,11 @@ Layout (after the Flax examples):
 * :mod:`experiments.input_pipeline` -- MNIST-1D in memory, TFDS CIFAR/ImageNet;
 * :mod:`experiments.methods` -- the method registry (one row per library method);
 * :mod:`experiments.main` -- the command line (flags only);
-* :mod:`experiments.train` -- ``train_and_evaluate(config, workdir)`` and the step;
+* :mod:`experiments.train` -- ``train_and_evaluate(config, workdir)``;
+  :mod:`experiments.train_step` -- the training step; :mod:`experiments.phases`
+  -- the phase of LookSAM / interval / stochastic SAM;
+* :mod:`experiments.config_checks`, :mod:`experiments.errors` -- the config's
+  checks and their ``UsageError``;
 * :mod:`experiments.evaluate`, :mod:`experiments.checkpoints`,
   :mod:`experiments.placement` -- evaluation, checkpoints, devices;
 * :mod:`experiments.compare` -- the main job: every method, one table, plots;

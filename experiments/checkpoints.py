@@ -23,9 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-
-class UsageError(Exception):
-  """A bad command line, config or output folder: reported without a traceback."""
+from experiments.errors import UsageError
 
 
 def _new_history() -> dict[str, list]:

@@ -38,6 +38,8 @@ import numpy as np
 
 from experiments import checkpoints, input_pipeline, plots, train
 from experiments import main as cli
+from experiments.config_checks import validate_config
+from experiments.errors import UsageError
 
 _COLUMNS = [
     # (header, key in a row, format)
@@ -191,12 +193,11 @@ def compare(config, output_dir: str, *, resume: bool = False,
 
   methods_to_run, seeds = method_names(config), list(config.seeds)
   if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-    raise checkpoints.UsageError(f"seeds must be integers, e.g. --config.seeds=0,1,2; got"
-                                 f" {config.seeds!r}.")
+    raise UsageError(f"seeds must be integers, e.g. --config.seeds=0,1,2; got {config.seeds!r}.")
   config = config.copy_and_resolve_references()
   for name in methods_to_run:  # every run checked before the first starts
     config.method = name
-    train.validate_config(config)
+    validate_config(config)
   output_dir = checkpoints.check_output_dir(output_dir)
   started = time.perf_counter()
   runs: dict[str, list[dict[str, Any]]] = {}
@@ -215,7 +216,7 @@ def compare(config, output_dir: str, *, resume: bool = False,
           pipelines[seed] = input_pipeline.get_pipeline(run_config, jax.process_index(),
                                                         jax.process_count())
         result = train.train_and_evaluate(run_config, workdir, resume=resume, progress=progress,
-                                          pipeline=pipelines[seed]).report
+                                          pipeline=pipelines[seed], validated=True).report
       runs.setdefault(name, []).append(result)
       tqdm.write(f"{name:>10} seed {seed}: test acc {result['test']['accuracy']:.3f},"
                  f" NLL {result['test']['nll']:.3f}, ECE {result['test']['ece']:.3f}")
@@ -253,8 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     config, options = cli.parse(argv)
     if any(arg.startswith("--config.method=") for arg in argv):
-      raise checkpoints.UsageError("experiments.compare trains every method of config.methods:"
-                                   " set --config.methods=NAME,... instead of --config.method.")
+      raise UsageError("experiments.compare trains every method of config.methods:"
+                       " set --config.methods=NAME,... instead of --config.method.")
     output_dir = options.workdir or os.path.join(
         "runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     summary = compare(config, output_dir, resume=options.resume, progress=options.progress)

@@ -27,7 +27,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import distributed, input_pipeline, placement, train
-from experiments.checkpoints import UsageError
+from experiments.config_checks import validate_config
+from experiments.errors import UsageError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 
@@ -135,7 +136,7 @@ def run(config, options: flags.FlagValues) -> train.Result:
   """Starts ``jax.distributed`` if asked (before any device is touched), then trains."""
   spec = distributed.process_spec(options.coordinator_address, options.num_processes,
                                   options.process_id, auto=options.distributed)
-  train.validate_config(config)
+  validate_config(config)
   placement.check_processes(config, spec.num_processes if spec is not None else None)
   distributed.initialize(spec)
   workdir = options.workdir
@@ -144,7 +145,7 @@ def run(config, options: flags.FlagValues) -> train.Result:
     workdir = os.path.join(
         "runs", f"{config.method}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S', stamp)}")
   return train.train_and_evaluate(config, workdir, resume=options.resume,
-                                  progress=options.progress)
+                                  progress=options.progress, validated=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,9 +45,9 @@ import sam_optax
 # Constructor arguments that are plumbing, not hyperparameters: built from
 # the run (:class:`Context`) or left at the library's default.
 PLUMBING = frozenset({
-    "inner", "loss_fn", "logits_fn", "has_aux", "axis_name", "perturbation", "mask",
+    "inner", "base_optimizer", "loss_fn", "logits_fn", "has_aux", "axis_name", "perturbation", "mask",
     "batch_argnames", "eps", "adaptive_mask", "num_examples", "num_classes",
-    "steps_per_epoch", "bank_dtype", "check_indices", "model_state", "seed"})
+    "steps_per_epoch", "bank_dtype", "check_indices", "model_state", "seed", "output_axis"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +154,7 @@ class Step:
   """How the training step feeds a method.
 
   Attributes:
-    name: ``standard``, ``esam``, ``saf`` or ``mesa`` (the benchmarks pick
-      their step program by it).
+    name: ``standard``, ``esam``, ``saf`` or ``mesa``.
     update_args: ``update_args(loss_args, logits, per_example_losses) ->
       dict``, the extra arguments of ``tx.update`` (``loss_args``: the
       keyword arguments of ``loss_fn``).
@@ -173,6 +172,11 @@ class Step:
 
 
 STANDARD = Step("standard")
+# SAMPa computes both of its gradients itself and never ∇L(w): the step runs
+# the user's loss forward only (metrics, BatchNorm statistics) and passes the
+# params in place of a gradient. Without previous_args both gradients take
+# the step's batch (the trainer does not keep the previous batch).
+SAMPA = Step("sampa")
 ESAM = Step("esam", update_args=_esam_args)
 SAF = Step("saf", update_args=_saf_args, target=_saf_target)
 MESA = Step("mesa", update_args=_mesa_args, target=_mesa_target,
@@ -198,6 +202,9 @@ class Method:
     follow_lr: ``{radius: floor}``: the radius follows the learning-rate
       schedule from its value at the peak down to the hyperparameter
       ``floor`` (None: to 0) at the floor (``sam_optax.rho_schedule_from_lr``).
+    wraps_base: the constructor takes the base optimizer
+      (``base_optimizer=``) and is the whole optimizer (SAMPa: its auxiliary
+      point is the base's look-ahead); :func:`build` then needs ``base``.
   """
 
   name: str
@@ -209,6 +216,7 @@ class Method:
   defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   inner: Callable[..., optax.GradientTransformation] | None = None
   follow_lr: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+  wraps_base: bool = False
 
   def gradients_per_step(self, hparams: Mapping[str, Any]) -> float:
     """Gradient evaluations per step with these hyperparameters."""
@@ -241,6 +249,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            defaults={"rho_min": 0.05}, follow_lr={"rho": "rho_min"}),
     Method("bsam", sam_optax.bsam, "bilateral SAM, Deng et al. 2024", gradients=3,
            follow_lr={"rho_min": None}),
+    Method("gcsam", sam_optax.gcsam, "gradient-centralized SAM, Hassan et al. 2025"),
+    Method("sampa", sam_optax.sampa, "SAMPa (parallel SAM), Xie et al. 2024", forwards=1,
+           step=SAMPA, wraps_base=True),
     Method("fsam", sam_optax.fsam, "FriendlySAM, Li et al. 2024"),
     Method("vasso", sam_optax.vasso, "variance-suppressed SAM, Li & Giannakis 2023"),
     Method("wsam", sam_optax.wsam, "weighted SAM (coupled form), Yue et al. 2023"),
@@ -252,7 +263,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            gradients=1, forwards=1, step=MESA, defaults={"start_epoch": None}),
 ]}
 """The methods, by name. ``start_epoch=None`` (SAF, MESA): 30 % of the epochs, the
-paper's rule. ``wsam_decoupled`` and ``msam`` are not rows: each wraps the base
+paper's rule. SAMPa wraps the trainer's base optimizer (``wraps_base``): its
+two gradients, and a forward pass of the step for the metrics and BatchNorm
+statistics. ``wsam_decoupled`` and ``msam`` are not rows: each wraps the base
 optimizer itself (and MSAM changes which weights the gradient is taken at), so
 they do not fit a transform chained before the trainer's base optimizer."""
 
@@ -316,17 +329,22 @@ def _call(fn, arguments: Mapping[str, Any]):
   return fn(**{k: v for k, v in arguments.items() if k in accepted})
 
 
-def build(method: Method, ctx: Context,
-          hparams: Mapping[str, Any]) -> optax.GradientTransformation | None:
+def build(method: Method, ctx: Context, hparams: Mapping[str, Any],
+          base: optax.GradientTransformation | None = None
+          ) -> optax.GradientTransformation | None:
   """The method's transform for a run (None for SGD).
 
   Args:
     method: the registry row.
     ctx: the run (:class:`Context`).
     hparams: its hyperparameters (:func:`hparams_for`).
+    base: the base optimizer, for a method that wraps it (``wraps_base``:
+      the result is then the whole optimizer).
   """
   if method.transform is None:
     return None
+  if method.wraps_base and base is None:
+    raise ValueError(f"method {method.name!r} wraps the base optimizer: pass base=.")
   values = dict(hparams)
   for radius, floor in method.follow_lr.items():
     values[radius] = _radius(ctx, values[radius], values.pop(floor) if floor else 0.0)
@@ -339,6 +357,11 @@ def build(method: Method, ctx: Context,
       "num_examples": ctx.num_examples, "num_classes": ctx.num_classes,
       "steps_per_epoch": ctx.steps_per_epoch, "model_state": ctx.model_state or None,
       **ctx.data_parallel(splits=method.perturbs), **values}
+  if method.step is SAMPA and ctx.axis_name and ctx.grad_accum_steps == 1:
+    # No per-device ascent (one stored direction): both gradients averaged.
+    arguments["perturbation"] = sam_optax.Synced(ctx.axis_name)
+  if method.wraps_base:
+    arguments["base_optimizer"] = base
   if method.inner is not None:
     arguments["inner"] = _call(method.inner, arguments)
   return _call(method.transform, arguments)

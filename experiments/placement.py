@@ -67,7 +67,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import sam_optax
 from experiments import distributed
-from experiments.checkpoints import UsageError
+from experiments.errors import UsageError
 
 PERTURBATIONS = ("device", "global", "split")
 SHARD_STATES = ("auto", "none", "fsdp")
@@ -131,12 +131,13 @@ def check_data_layout(config, num_devices: int, num_processes: int = 1) -> int |
   device). ``config.perturbation`` then gives the SAM family's
   ``batch_splits`` (``m = B / batch_splits`` examples per perturbation):
   ``'device'``: ``n`` (None on one device); ``'global'``: None; ``'split'``:
-  ``config.batch_splits`` (None for 1).
+  ``config.batch_splits`` (None for 1). ``config`` has passed
+  :func:`experiments.config_checks.validate_config` (:func:`check_perturbation`
+  among its checks).
 
   Raises:
     UsageError: naming the numbers, when one does not divide the other.
   """
-  check_perturbation(config)
   check_processes(config, num_processes)
   batch = config.batch_size
   if num_processes > 1 and not config.data_parallel:
@@ -168,6 +169,10 @@ def check_data_layout(config, num_devices: int, num_processes: int = 1) -> int |
 class Placement:
   """Where the state and the batches live (see the module docstring).
 
+  Built from a config that has passed
+  :func:`experiments.config_checks.validate_config`; the layout's numbers
+  against the devices are checked here (:func:`check_data_layout`).
+
   Evaluation runs per process: a local copy of the weights (:meth:`local`)
   on this process's devices, the process's share of the split sharded across
   them, the rows of every process gathered afterwards.
@@ -177,7 +182,6 @@ class Placement:
     self.batch_size = pipeline.batch_size
     self.batch_splits = check_data_layout(config, jax.device_count(), jax.process_count())
     self.perturbation = config.perturbation
-    check_shard_state(config)
     self.shard_state = config.shard_state
     self.mesh = None
     if config.data_parallel and jax.device_count() > 1:

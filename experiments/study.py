@@ -140,6 +140,11 @@ def study_arms(study, tuned: Mapping[str, float]) -> list[Arm]:
           label=f"MESA decay={paper.mesa_decay:g}"),
       Arm("mesa", "clean", "mesa", {"lam": paper.mesa_lam, **t["mesa_decay"]},
           label=f"MESA decay={tuned['mesa_decay']:g} (tuned)"),
+      # Issue 21's methods at their authors' defaults (no grid yet).
+      Arm("sampa-paper", "clean", "sampa", {"rho": paper.sampa_rho, "lam": paper.sampa_lam},
+          label=f"SAMPa ρ={paper.sampa_rho:g}, λ={paper.sampa_lam:g}"),
+      Arm("gcsam-paper", "clean", "gcsam", {"rho": paper.gcsam_rho},
+          label=f"GCSAM ρ={paper.gcsam_rho:g}"),
   ]
   sweep = []
   for lr in study.learning_rates:
@@ -155,7 +160,8 @@ def study_arms(study, tuned: Mapping[str, float]) -> list[Arm]:
     ]
   noisy_epochs = study.noisy["num_epochs"]
   noisy = [Arm(f"noisy-{m}", "noisy", m, label=m) for m in
-           ("sgd", "sam", "csam", "stable_sam", "bsam", "asam", "gsam", "saf", "mesa")]
+           ("sgd", "sam", "csam", "stable_sam", "bsam", "asam", "gsam", "saf", "mesa",
+            "sampa", "gcsam")]
   noisy.insert(1, Arm("noisy-sgd-2x", "noisy", "sgd", changes={"num_epochs": 2 * noisy_epochs},
                       label="sgd, 2× epochs"))
   return clean + sweep + noisy

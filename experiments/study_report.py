@@ -15,20 +15,15 @@ import numpy as np
 import matplotlib
 from matplotlib.figure import Figure
 
+from experiments import costs as costs_lib
 from experiments import plots
 from experiments import verdict as rule
 
 Results = Mapping[str, Sequence[Mapping[str, Any]]]
 
-# Interleaved step-time ratios to SGD, measured by `python -m benchmarks.run`
-# (benchmarks/RESULTS.md: methods alternate within rounds; median [IQR]).
-# The study does not time its runs: one after the other, they see a machine
-# whose load drifts.
-BENCHMARK_COST = {
-    "saf": {"resnet": (1.00, 0.97, 1.05), "mnist1d": (1.13, 1.10, 1.16), "flops": 1.000},
-    "mesa": {"resnet": (1.21, 1.17, 1.26), "mnist1d": (1.75, 1.62, 1.99), "flops": 1.328},
-}
 COST_BOUND = {"saf": 1.10, "mesa": 1.40}
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _PERCENT = {"accuracy", "ece", "train_accuracy", "adaptive_ece", "overconfidence"}
 
@@ -102,13 +97,25 @@ def _window_verdict(wider: Sequence[float], narrower: Sequence[float]) -> str:
   return rule.INCONCLUSIVE
 
 
+def _ratio(time: costs_lib.TimeRatio) -> str:
+  return f"{time.median:.2f}× [{time.q1:.2f}–{time.q3:.2f}]"
+
+
 def _lrs(window_: Sequence[float]) -> str:
   return "{" + ", ".join(f"{lr:g}" for lr in window_) + "}" if window_ else "∅"
 
 
-def verdict_rows(study, results: Results, tuned: Mapping[str, float]) -> list[Row]:
-  """Every claim of the study that its runs cover (a claim whose arms were not run is left out)."""
+def verdict_rows(study, results: Results, tuned: Mapping[str, float],
+                 costs: costs_lib.BenchmarkCosts | None = None) -> list[Row]:
+  """Every claim of the study that its runs cover (a claim whose arms were not run is left out).
+
+  ``costs``: the benchmark run the cost claims cite (default: the committed
+  ``benchmarks/results-cpu.json``, :func:`experiments.costs.read_benchmark`).
+  The study does not time its runs: one after the other, they see a machine
+  whose load drifts; the benchmark interleaves the methods within rounds.
+  """
   rows: list[Row] = []
+  costs = costs or costs_lib.read_benchmark(methods=tuple(COST_BOUND))
   have = lambda *arms: all(a in results for a in arms)  # noqa: E731
 
   # Calibration (seed 000, first abstract), clean labels.
@@ -176,17 +183,16 @@ def verdict_rows(study, results: Results, tuned: Mapping[str, float]) -> list[Ro
           f" {mean_std(results, 'sam-half', 'accuracy')}",
           [_at_least(results, method, "sam", "accuracy", "acc − SAM's (equal epochs)"),
            _at_least(results, method, "sam-half", "accuracy", "acc − SAM's (equal compute)")]))
-    resnet, mlp = BENCHMARK_COST[method]["resnet"], BENCHMARK_COST[method]["mnist1d"]
+    resnet, mlp = costs.cost("resnet", method), costs.cost("mnist1d", method)
     bound = COST_BOUND[method]
-    cost_verdict = rule.at_most(resnet[0], max(resnet[2] - resnet[0], resnet[0] - resnet[1]),
-                                bound)
-    mlp_verdict = rule.at_most(mlp[0], max(mlp[2] - mlp[0], mlp[0] - mlp[1]), bound)
+    cost_verdict = rule.at_most(resnet.time.median, resnet.time.spread, bound)
+    mlp_verdict = rule.at_most(mlp.time.median, mlp.time.spread, bound)
     rows.append(Row(
         f"{method.upper()} costs ≤ {bound:.2f}× SGD per step",
         "throughput vs SGD: SAF 99 %, MESA 85 % (ImageNet R-50, 4 GPUs)",
-        f"ResNet-18 (w 0.125, batch 128, CPU): {resnet[0]:.2f}× [{resnet[1]:.2f}–{resnet[2]:.2f}];"
-        f" MNIST-1D MLP: {mlp[0]:.2f}× [{mlp[1]:.2f}–{mlp[2]:.2f}]; XLA flops"
-        f" {BENCHMARK_COST[method]['flops']:.2f}× (benchmarks/RESULTS.md, interleaved)",
+        f"ResNet-18 (w 0.125, batch 128, CPU): {_ratio(resnet.time)}; MNIST-1D MLP:"
+        f" {_ratio(mlp.time)}; XLA flops {resnet.flops:.2f}× (benchmark run of {costs.date},"
+        f" `{os.path.relpath(costs.path, _ROOT)}`, interleaved)",
         cost_verdict,
         [f"ResNet (the regime of the claim): → {cost_verdict}",
          f"tiny MLP, where fixed per-step costs dominate: → {mlp_verdict}"]))
@@ -381,8 +387,13 @@ def verdict_table(rows: Sequence[Row]) -> str:
   return "\n".join(lines)
 
 
-def write(study, workdir: str, arms, results: Results, tuning, tuned) -> dict[str, Any]:
-  """Writes verdicts.md, study.json and the figures; returns the JSON summary."""
+def write(study, workdir: str, arms, results: Results, tuning, tuned,
+          recorded: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """Writes verdicts.md, study.json and the figures; returns the JSON summary.
+
+  ``recorded``: a study.json whose ``config`` and ``machine`` (what the runs were
+  trained with, and where) are kept (default: ``study`` and this machine).
+  """
   labels = {arm.name: arm.label or arm.name for arm in arms}
   rows = verdict_rows(study, results, tuned)
   figures = {}
@@ -409,9 +420,10 @@ def write(study, workdir: str, arms, results: Results, tuning, tuned) -> dict[st
                         "runs": [{k: v for k, v in run.items() if k != "history"}
                                  for run in results[a.name]]}
                for a in arms if a.name in results},
-      "config": study.to_dict(),
-      "machine": {"platform": platform.platform(), "jax": jax.__version__,
-                  "devices": [str(d) for d in jax.devices()]},
+      "config": recorded["config"] if recorded else study.to_dict(),
+      "machine": recorded["machine"] if recorded else {
+          "platform": platform.platform(), "jax": jax.__version__,
+          "devices": [str(d) for d in jax.devices()]},
       "figures": {k: os.path.basename(v) for k, v in figures.items()},
   }
   with open(os.path.join(workdir, "study.json"), "w", encoding="utf-8") as stream:
@@ -474,3 +486,41 @@ Cost per step is not timed here: see `benchmarks/RESULTS.md` (interleaved timing
 
 {figure_lines}
 """
+
+
+def rewrite(workdir: str) -> dict[str, Any]:
+  """Writes the report again from ``workdir/study.json``, training nothing.
+
+  The verdicts are recomputed from the recorded runs (and the cost claims from
+  the committed benchmark run, :mod:`experiments.costs`); the arms, tuning and
+  machine are the recorded ones (a config field added since the study ran takes
+  its default from ``experiments/configs/study.py``). ``python -m
+  experiments.study_report`` calls it.
+  """
+  import ml_collections  # pylint: disable=import-outside-toplevel
+
+  from experiments import study as study_lib  # pylint: disable=import-outside-toplevel
+  from experiments.configs import study as study_config  # pylint: disable=import-outside-toplevel
+
+  with open(os.path.join(workdir, "study.json"), encoding="utf-8") as stream:
+    recorded = json.load(stream)
+  study = ml_collections.ConfigDict(recorded["config"])
+  for key, value in study_config.get_config().items():  # fields added since: today's defaults
+    if key not in study:
+      study[key] = value
+  arms = [study_lib.Arm(name, arm["regime"], arm["method"], label=arm["label"])
+          for name, arm in recorded["arms"].items()]
+  results = {name: arm["runs"] for name, arm in recorded["arms"].items()}
+  tuning = {key: {float(value): accuracy for value, accuracy in values.items()}
+            for key, values in recorded["tuning"].items()}
+  return write(study, workdir, arms, results, tuning, recorded["tuned"], recorded=recorded)
+
+
+if __name__ == "__main__":
+  import argparse  # pylint: disable=import-outside-toplevel
+
+  parser = argparse.ArgumentParser(
+      prog="python -m experiments.study_report",
+      description="Writes the study's report again from its study.json (no training).")
+  parser.add_argument("--workdir", default="experiments/results/study")
+  rewrite(parser.parse_args().workdir)

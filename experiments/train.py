@@ -1,17 +1,16 @@
-"""Training of one run: ``train_and_evaluate(config, workdir)`` and its step.
+"""Training of one run: ``train_and_evaluate(config, workdir)``.
 
 One run trains ``config.model`` on ``config.dataset`` with ``config.method``
 (:mod:`experiments.methods`) chained before the base optimizer::
 
   tx = optax.chain(<method transform>, [clip], <weight decay>, <base optimizer>)
 
-The training step is the library's canonical one, with BatchNorm as
-documented: ``loss_fn(params, batch_stats, batch, rng) -> (loss,
-(new_batch_stats, logits))``, ``has_aux=True``; the user's pass updates the
-statistics, the method's re-evaluations at perturbed weights do not.
-Evaluation is :mod:`experiments.evaluate`, checkpoints and the output folder
-:mod:`experiments.checkpoints`, devices :mod:`experiments.placement`; the
-command line is :mod:`experiments.main`.
+The training step is :mod:`experiments.train_step` (the library's canonical
+step, with BatchNorm as documented), the phase of LookSAM / interval /
+stochastic SAM :mod:`experiments.phases`, the config's checks
+:mod:`experiments.config_checks`. Evaluation is :mod:`experiments.evaluate`,
+checkpoints and the output folder :mod:`experiments.checkpoints`, devices
+:mod:`experiments.placement`; the command line is :mod:`experiments.main`.
 """
 
 from __future__ import annotations
@@ -20,198 +19,23 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax.training import train_state
 
-import sam_optax
 from experiments import distributed, input_pipeline, methods, models
-from experiments.checkpoints import (Checkpoints, LoopState, UsageError, changed_fields,
-                                     check_output_dir, write_json)
-from experiments.evaluate import (evaluate_now, evaluated_weights, final_report,
-                                  per_example_cross_entropy, record_epoch, variables)
-from experiments.placement import Placement, check_perturbation, check_shard_state
-
-
-class TrainState(train_state.TrainState):
-  """Flax's TrainState with BatchNorm statistics and extra args for ``tx.update``."""
-
-  batch_stats: Any = None
-
-  def apply_gradients(self, *, grads, update_args=None, **kwargs):
-    """``tx.update(grads, opt_state, params, **update_args)`` then apply the updates."""
-    updates, opt_state = self.tx.update(grads, self.opt_state, self.params,
-                                        **(update_args or {}))
-    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
-                        opt_state=opt_state, **kwargs)
-
-
-class LossFns(NamedTuple):
-  """The training loss in its three forms, all ``f(params, batch_stats, batch, rng)``.
-
-  Attributes:
-    loss: ``-> (mean loss, (new_batch_stats, logits))``.
-    logits: CSAM's ``-> ((logits, labels), new_batch_stats)``.
-    per_example: ESAM's ``-> (losses [B], (new_batch_stats, logits))``.
-  """
-
-  loss: Any
-  logits: Any
-  per_example: Any
-
-
-def make_loss_fns(model, label_smoothing: float = 0.0) -> LossFns:
-  """The training loss (cross-entropy, training mode) of ``model``."""
-
-  def logits_fn(params, batch_stats, batch, rng):
-    logits, updated = model.apply(variables(params, batch_stats), batch["x"], train=True,
-                                  mutable=["batch_stats"], rngs={"dropout": rng})
-    return (logits, batch["y"]), updated.get("batch_stats", batch_stats)
-
-  def per_example_fn(params, batch_stats, batch, rng):
-    (logits, labels), new_batch_stats = logits_fn(params, batch_stats, batch, rng)
-    return per_example_cross_entropy(logits, labels, label_smoothing), (new_batch_stats, logits)
-
-  def loss_fn(params, batch_stats, batch, rng):
-    losses, aux = per_example_fn(params, batch_stats, batch, rng)
-    return losses.mean(), aux
-
-  return LossFns(loss_fn, logits_fn, per_example_fn)
-
-
-def make_train_step(loss_fns: LossFns, method: methods.Method, predict,
-                    axis_name: str | None = None, grad_accum_steps: int = 1):
-  """``train_step(state, batch, rng) -> (state, metrics)`` for ``method``.
-
-  One forward and backward pass of the user's loss, then ``tx.update`` with
-  the extra arguments the method's :class:`~experiments.methods.Step` names
-  (and ``ascent_step``, the phase of LookSAM / interval / stochastic SAM,
-  when it is chosen at trace time: see :class:`PhasedStep`).
-  For SAF and MESA the trajectory loss of the target read before the pass is
-  added to the loss of that same pass.
-
-  With ``grad_accum_steps = k > 1`` the pass runs over ``k`` micro-batches
-  of the batch, one after the other (``sam_optax.accumulated_grad``): the
-  gradient is their mean (the whole batch's, for this mean loss), the logits
-  and per-example losses are concatenated, and the BatchNorm statistics are
-  the mean of the ``k`` micro-batches' updates of the same statistics (so the
-  running mean moves as with the whole batch; the running variance is the
-  micro-batches' within-variance). BatchNorm normalizes each micro-batch with
-  its own statistics, so with BatchNorm the step is that of a batch of
-  ``batch_size / k`` normalization groups ("ghost" BatchNorm), not exactly
-  the unaccumulated step; without BatchNorm (and dropout, whose key is the
-  step's for every micro-batch) it equals it. The method was built with
-  ``sam_optax.MicroBatches(k)`` (:meth:`experiments.methods.Context.data_parallel`).
-
-  Args:
-    loss_fns: :func:`make_loss_fns`.
-    method: the registry row.
-    predict: ``predict(params, batch_stats, x) -> logits`` in evaluation mode
-      (MESA's EMA forward).
-    axis_name: the data axis when the step runs per device (``shard_map``,
-      :meth:`~experiments.placement.Placement.per_device`): the batch is the
-      device's shard, the method averages its surrogate over the axis
-      (``sam_optax.PerDevice``), BatchNorm normalizes with the shard's
-      statistics and its running averages are averaged over the axis, the
-      metrics are summed over it, and dropout draws per device.
-    grad_accum_steps: micro-batches per step (SAF, MESA and ESAM: 1 only,
-      checked by :func:`validate_config`).
-  """
-
-  def objective(params, batch_stats, batch, rng, target):
-    losses, (new_batch_stats, logits) = loss_fns.per_example(params, batch_stats, batch, rng)
-    loss = losses.mean()
-    total = loss if target is None else loss + sam_optax.losses.trajectory_loss(logits, target)
-    return total, (new_batch_stats, logits, loss, losses)
-
-  def train_step(state, batch, rng, ascent_step=None):
-    rng = jax.random.fold_in(rng, state.step)
-    if axis_name is not None:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    loss_args = {"batch_stats": state.batch_stats, "batch": batch, "rng": rng}
-    phase = {} if ascent_step is None else {"ascent_step": ascent_step}
-    step = method.step
-    target = None if step.target is None else step.target(
-        state.opt_state, state.params, state.batch_stats, batch, predict)
-    if grad_accum_steps > 1:
-      grads, (stacked_stats, logits, loss, losses) = sam_optax.accumulated_grad(
-          lambda params, **args: objective(params, target=target, **args), grad_accum_steps,
-          batch_argnames=("batch",), has_aux=True)(state.params, **loss_args)
-      new_batch_stats = jax.tree.map(lambda x: x.mean(0), stacked_stats)
-      logits, losses = (x.reshape((-1,) + x.shape[2:]) for x in (logits, losses))
-      loss = loss.mean()
-    else:
-      (_, (new_batch_stats, logits, loss, losses)), grads = jax.value_and_grad(
-          objective, has_aux=True)(state.params, target=target, **loss_args)
-    state = state.apply_gradients(
-        grads=grads, update_args={**step.update_args(loss_args, logits, losses), **phase},
-        batch_stats=new_batch_stats)
-    correct = jnp.sum(jnp.argmax(logits, -1) == batch["y"])
-    if axis_name is not None:
-      state = state.replace(batch_stats=jax.lax.pmean(state.batch_stats, axis_name))
-      loss, correct = jax.lax.pmean(loss, axis_name), jax.lax.psum(correct, axis_name)
-    return state, {"loss": loss, "correct": correct}
-
-  return train_step
-
-
-PHASES = ("auto", "static", "cond")
-MODELS_WITHOUT_CONVOLUTIONS = frozenset({"mlp"})
-
-
-class PhasedStep:
-  """Two compiled training steps, one per phase, called as the state says.
-
-  For the methods with a cheap phase (LookSAM, interval and stochastic SAM):
-  ``train_step`` traced with ``ascent_step=True`` and with ``False``, neither
-  holding a ``jax.lax.cond``; each call reads the phase of the next step from
-  the optimizer state (:func:`sam_optax.takes_ascent_step`, a host read of
-  one bool) and runs that step. On XLA:CPU a convolution gradient inside a
-  conditional runs several times slower (``benchmarks/RESULTS.md``), so this
-  is the trainer's form on CPU (``config.phase``).
-  """
-
-  def __init__(self, train_step, jit_step):
-    self.steps = {phase: jit_step(functools.partial(train_step, ascent_step=phase))
-                  for phase in (True, False)}
-
-  def __call__(self, state, batch, rng):
-    return self.steps[sam_optax.takes_ascent_step(state.opt_state)](state, batch, rng)
-
-
-def phase_form(config, opt_state) -> str | None:
-  """``'static'`` or ``'cond'`` for a method with a cheap phase, else None.
-
-  ``config.phase``: ``'auto'`` is static on the CPU backend for a model with
-  convolutions (XLA:CPU runs a convolution gradient inside a conditional
-  several times slower: ResNet-18, interval SAM k = 5, 2.8× SGD's step time
-  with ``lax.cond``, 1.1× static) and ``lax.cond`` otherwise (the MLP's steps
-  take under a millisecond, less than the host read of the phase that the
-  static form adds: 1.2× with ``lax.cond``, 2.3× static;
-  ``benchmarks/RESULTS.md``); ``'static'`` / ``'cond'`` force one.
-  """
-  if sam_optax.takes_ascent_step(opt_state) is None:
-    if config.phase == "static":
-      raise UsageError(f"phase='static' applies to the methods with a cheap phase (looksam,"
-                       f" interval_sam, stochastic_sam); {config.method} takes one form.")
-    return None
-  if config.phase == "auto":
-    convolutional = config.model not in MODELS_WITHOUT_CONVOLUTIONS
-    return "static" if jax.default_backend() == "cpu" and convolutional else "cond"
-  return config.phase
-
-
-def make_predict(model):
-  """``predict(params, batch_stats, x) -> logits`` in evaluation mode, float32."""
-
-  def predict(params, batch_stats, x):
-    return model.apply(variables(params, batch_stats), x, train=False).astype(jnp.float32)
-
-  return predict
+from experiments.checkpoints import (Checkpoints, LoopState, changed_fields, check_output_dir,
+                                     write_json)
+from experiments.config_checks import validate_config
+from experiments.errors import UsageError
+from experiments.evaluate import evaluate_now, evaluated_weights, final_report, record_epoch
+from experiments.phases import PhasedStep, phase_form
+from experiments.placement import Placement
+from experiments.train_step import (LossFns, TrainState, make_loss_fns, make_predict,
+                                    make_train_step)
 
 
 def make_lr_schedule(config, steps_per_epoch: int) -> tuple[optax.Schedule, float, float]:
@@ -234,7 +58,7 @@ def _kernels(params):
 def make_optimizer(config, method: methods.Method, context: methods.Context):
   """``(optax.chain(method, [clip], weight decay, base), hparams)`` for this run."""
   hparams = methods.hparams_for(method.name, config.hparams.get(method.name, {}))
-  transform = methods.build(method, context, hparams)
+  transform = None if method.wraps_base else methods.build(method, context, hparams)
   parts = [] if transform is None else [transform]
   if config.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
@@ -246,45 +70,9 @@ def make_optimizer(config, method: methods.Method, context: methods.Context):
   else:
     parts.append(optax.adamw(context.lr_schedule, b1=config.b1, b2=config.b2,
                              weight_decay=config.weight_decay, mask=_kernels))
+  if method.wraps_base:  # SAMPa: the whole optimizer around the base
+    return methods.build(method, context, hparams, base=optax.chain(*parts)), hparams
   return optax.chain(*parts), hparams
-
-
-def _choice(config, field: str, choices) -> None:
-  if config[field] not in choices:
-    raise UsageError(f"unknown {field} {config[field]!r}; choose one of {', '.join(choices)}.")
-
-
-def validate_config(config) -> None:
-  """Checks the names and numbers of ``config`` before anything is built or written."""
-  try:
-    methods.get_method(config.method)
-    methods.hparams_for(config.method, config.hparams.get(config.method, {}))
-  except ValueError as error:
-    raise UsageError(str(error)) from None
-  _choice(config, "dataset", input_pipeline.DATASETS)
-  _choice(config, "model", models.MODEL_NAMES)
-  _choice(config, "optimizer", ("sgd", "adamw"))
-  _choice(config, "lr_schedule", ("cosine", "constant"))
-  _choice(config, "phase", PHASES)
-  for name in ("num_epochs", "batch_size", "grad_accum_steps"):
-    if isinstance(config[name], bool) or not isinstance(config[name], int) or config[name] < 1:
-      raise UsageError(f"{name} must be a positive integer, got {config[name]!r}.")
-  accum = config.grad_accum_steps
-  if accum > 1:
-    if config.batch_size % accum:
-      raise UsageError(f"grad_accum_steps={accum} does not divide batch_size="
-                       f"{config.batch_size}: the micro-batches must have equal sizes.")
-    step = methods.get_method(config.method).step
-    if step is not methods.STANDARD:
-      raise UsageError(f"grad_accum_steps={accum} is supported for sgd and the SAM family,"
-                       f" not for {config.method} (its {step.name} step reads the whole"
-                       " batch's logits or losses); set --config.grad_accum_steps=1.")
-  if not 0.0 <= config.label_noise <= 1.0:
-    raise UsageError(f"label_noise must be in [0, 1], got {config.label_noise!r}.")
-  if not config.learning_rate > 0:
-    raise UsageError(f"learning_rate must be > 0, got {config.learning_rate!r}.")
-  check_perturbation(config)
-  check_shard_state(config)
 
 
 @dataclasses.dataclass
@@ -415,13 +203,21 @@ def build_step(config, pipeline, placement: Placement, model, batch_stats) -> St
                    train_step=train_step, jit_step=jit_step, axis_name=axis_name)
 
 
-def create_run(config, pipeline, placement: Placement | None = None) -> Run:
-  """Builds the model, the optimizer, the initial state and the jitted steps."""
+def create_run(config, pipeline, placement: Placement | None = None, *,
+               wrap_optimizer: Any = None) -> Run:
+  """Builds the model, the optimizer, the initial state and the jitted steps.
+
+  ``wrap_optimizer``: ``wrap_optimizer(tx) -> tx`` replaces the run's whole
+  optimizer chain by a wrapper of it (a study diagnostic's change of the
+  step, :mod:`experiments.diagnostics`); None: the chain as built.
+  """
   placement = placement or Placement(config, pipeline)
   model = make_model(config, pipeline)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   initial = jax.jit(functools.partial(init_variables, model, pipeline.input_shape))(init_rng)
   parts = build_step(config, pipeline, placement, model, initial.get("batch_stats", {}))
+  if wrap_optimizer is not None:
+    parts = dataclasses.replace(parts, tx=wrap_optimizer(parts.tx))
   # Created in its shardings (config.shard_state), a fresh buffer for every
   # leaf: a transform's init may alias the params (e.g. an EMA started as a
   # copy of them), and the step donates the state.
@@ -478,7 +274,7 @@ def check_resume(checkpoints: Checkpoints, config, workdir: str, resume: bool) -
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        resume: bool = False, progress: bool = True,
-                       pipeline: Any = None) -> Result:
+                       pipeline: Any = None, validated: bool = False) -> Result:
   """Trains and evaluates one run; writes ``workdir/results.json`` and checkpoints.
 
   With several processes (:mod:`experiments.distributed`, initialized
@@ -495,8 +291,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       naming it). Without it, a ``workdir`` holding checkpoints is refused.
     progress: show a tqdm progress bar (on process 0).
     pipeline: the input pipeline, if already built from an equal data config.
+    validated: the caller has checked ``config`` with
+      :func:`experiments.config_checks.validate_config` (the command lines do,
+      before anything starts); else it is checked here, once.
   """
-  validate_config(config)
+  if not validated:
+    validate_config(config)
   if pipeline is None:
     pipeline = input_pipeline.get_pipeline(config, jax.process_index(), jax.process_count())
   placement = Placement(config, pipeline)  # checks the data layout before any write

@@ -21,15 +21,17 @@ from sam_optax._bsam import bsam
 from sam_optax._csam import csam
 from sam_optax._esam import ESAMState, esam
 from sam_optax._fsam import FSAMState, fsam
+from sam_optax._gcsam import gcsam
 from sam_optax._gsam import gsam
 from sam_optax._interval import (IntervalState, StochasticState, every_k, interval_sam,
                                  stochastic_sam, with_probability)
 from sam_optax._looksam import LookSAMState, looksam
 from sam_optax._mesa import MESAState, mesa, mesa_model_state, mesa_params, mesa_target
 from sam_optax._msam import MSAMState, msam, msam_eval_params
-from sam_optax._parallel import MicroBatches, PerDevice, Perturbation, Splits, Synced
+from sam_optax._parallel import MicroBatches, PerDevice, Perturbation, Splits, Synced, TwoGroups
 from sam_optax._saf import SAFState, saf, saf_check, saf_target
 from sam_optax._sam import sam, usam
+from sam_optax._sampa import SAMPaState, sampa
 from sam_optax._stable import stable_sam
 from sam_optax._vasso import VaSSOState, vasso
 from sam_optax._wsam import WSAMDecoupledState, wsam, wsam_decoupled
@@ -48,10 +50,12 @@ __all__ = [
     "PerDevice",
     "Perturbation",
     "SAFState",
+    "SAMPaState",
     "SAMState",
     "Splits",
     "StochasticState",
     "Synced",
+    "TwoGroups",
     "VaSSOState",
     "WSAMDecoupledState",
     "accumulated_grad",
@@ -61,6 +65,7 @@ __all__ = [
     "esam",
     "every_k",
     "fsam",
+    "gcsam",
     "gsam",
     "interval_sam",
     "looksam",
@@ -77,6 +82,7 @@ __all__ = [
     "saf_check",
     "saf_target",
     "sam",
+    "sampa",
     "schedules",
     "sharpness",
     "stable_sam",

@@ -68,12 +68,12 @@ def adaptive_step(
   """
   adaptive = adaptive_mask(ascent.params) if callable(adaptive_mask) else adaptive_mask
   scale = jax.tree.map(
-      lambda w, scaled: (jnp.abs(jnp.asarray(w, jnp.float32)) + eta)
+      lambda w, scaled: (jnp.abs(_numerics.at_least_float32(w)) + eta)
       if scaled else jnp.ones([], jnp.float32),
       ascent.params, adaptive,
   )
   scaled_grads = ascent.restrict(jax.tree.map(
-      lambda t, g: t * jnp.asarray(g, jnp.float32), scale, grads))
+      lambda t, g: t * _numerics.at_least_float32(g), scale, grads))
   direction = jax.tree.map(lambda t, tg: t * tg, scale, scaled_grads)
   return direction, _numerics.divide_by_norm(rho, scaled_grads, ascent.eps)
 

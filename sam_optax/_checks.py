@@ -186,6 +186,36 @@ def check_base(method: str, base: Any) -> optax.GradientTransformationExtraArgs:
                                "optax.sgd(...) or optax.adamw(...)")
 
 
+def check_axis_not_checked_for_vma(method: str, axis_name: str | tuple[str, ...] | None,
+                                   *trees: Any) -> None:
+  """Refuses ``shard_map(..., check_vma=True)`` over ``axis_name``.
+
+  With varying-axis checks on (``shard_map``'s default), JAX's autodiff sums
+  the gradient of replicated params over the axis itself (the transpose of
+  their implicit broadcast), so every per-device gradient that the library
+  averages with ``pmean`` would already be a sum: the surrogate (or the
+  Hessian of :mod:`sam_optax.sharpness`) would come out ``axis_size`` times
+  too large, silently. Under ``check_vma=False`` and ``jax.pmap`` the
+  gradient is the device's own. A leaf of ``trees`` (the params, the
+  gradient, the batch) that varies over the axis shows the check is on.
+  """
+  if axis_name is None:
+    return
+  names = {axis_name} if isinstance(axis_name, str) else set(axis_name)
+  for leaf in jax.tree.leaves(trees):
+    if not isinstance(leaf, jax.core.Tracer):
+      continue
+    manual = getattr(jax.typeof(leaf), "manual_axis_type", None)
+    if names & set(getattr(manual, "varying", ())):
+      raise ValueError(
+          f"{method}: axis_name={axis_name!r} is an axis of a jax.shard_map with"
+          " check_vma=True, under which JAX already sums the gradient of"
+          " replicated params over the axis, so the per-device gradients the"
+          " method averages would be counted once per device (a surrogate"
+          f" axis_size times too large). Call it inside jax.shard_map(...,"
+          " check_vma=False), as experiments/ does, or inside jax.pmap.")
+
+
 def check_axis_name(method: str, axis_name: Any) -> None:
   """Raises ``TypeError`` unless ``axis_name`` is a non-empty string or None."""
   if axis_name is not None and (not isinstance(axis_name, str) or not axis_name):

@@ -22,7 +22,7 @@ from sam_optax._ascent import Mask
 from sam_optax._checks import Radius
 from sam_optax._loss import LossFn
 from sam_optax._parallel import Perturbation, axis_of
-from sam_optax._sam import sam
+from sam_optax._sam import sam_transformation
 
 
 class IntervalState(NamedTuple):
@@ -259,8 +259,8 @@ def interval_sam(
     >>> import optax, sam_optax
     >>> tx = optax.chain(sam_optax.interval_sam(0.05, k=5), optax.sgd(0.1))
   """
-  inner = sam(rho, loss_fn=loss_fn, normalize=normalize, has_aux=has_aux,
-              perturbation=perturbation, mask=mask, eps=eps)
+  inner = sam_transformation("interval_sam", rho, loss_fn=loss_fn, normalize=normalize,
+                             has_aux=has_aux, perturbation=perturbation, mask=mask, eps=eps)
   return every_k(inner, k, axis_name=axis_of(perturbation))
 
 
@@ -287,7 +287,7 @@ def stochastic_sam(
     >>> tx = optax.chain(sam_optax.stochastic_sam(0.05, p=0.5), optax.sgd(0.1))
   """
   _checks.check_seed(seed, "stochastic_sam")  # named as the user called it
-  inner = sam(rho, loss_fn=loss_fn, normalize=normalize, has_aux=has_aux,
-              perturbation=perturbation, mask=mask, eps=eps)
+  inner = sam_transformation("stochastic_sam", rho, loss_fn=loss_fn, normalize=normalize,
+                             has_aux=has_aux, perturbation=perturbation, mask=mask, eps=eps)
   return with_probability(inner, p, seed=seed, axis_name=axis_of(perturbation))
 

@@ -34,7 +34,7 @@ class MSAMState(NamedTuple):
 def _sub(a, b):
   """``a − b`` in float32, in the dtypes of ``a``."""
   return jax.tree.map(
-      lambda x, y: (jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32)).astype(x.dtype),
+      lambda x, y: (_numerics.at_least_float32(x) - _numerics.at_least_float32(y)).astype(x.dtype),
       a, b)
 
 
@@ -184,8 +184,8 @@ def msam(
                                     ascent.normalized(ema), params)
     # w̃_{t+1} − w̃_t = base(g) + ε_{t+1} − ε_t
     new_updates = jax.tree.map(
-        lambda u, new, old, like: (jnp.asarray(u, jnp.float32) + jnp.asarray(new, jnp.float32)
-                                   - jnp.asarray(old, jnp.float32)).astype(like.dtype),
+        lambda u, new, old, like: (_numerics.at_least_float32(u) + _numerics.at_least_float32(new)
+                                   - _numerics.at_least_float32(old)).astype(like.dtype),
         base_updates, new_perturbation, state.perturbation, updates)
     return new_updates, MSAMState(count=optax.safe_increment(state.count), momentum=ema,
                                   perturbation=new_perturbation, base=base_state)

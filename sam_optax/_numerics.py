@@ -1,5 +1,8 @@
 """Tree arithmetic of the family, accumulated in float32.
 
+(In float64 where the parameters are float64: every value is computed in
+float32 or in its own dtype if that is wider, :func:`at_least_float32`.)
+
 Whatever the parameters' dtype (bfloat16 included), norms, inner products
 and the combinations of gradients are computed in float32 and cast back
 leafwise: the global norm and inner product (:func:`global_norm`,
@@ -24,13 +27,18 @@ DEFAULT_EPS = 1e-12
 
 
 def radius_at(radius: _checks.Radius, count: jax.Array) -> jax.Array:
-  """The value of ``radius`` at step ``count``, as a float32 scalar."""
+  """The value of ``radius`` at step ``count``, as a float32 scalar (float64 under x64)."""
   value = radius(count) if callable(radius) else radius
-  return jnp.asarray(value, dtype=jnp.float32)
+  return at_least_float32(value)
+
+
+def at_least_float32(x: Any) -> jax.Array:
+  """``x`` in float32, or in its own dtype if that is wider (float64 stays float64)."""
+  return jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
 
 
 def _float32(tree: Any) -> Any:
-  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+  return jax.tree.map(at_least_float32, tree)
 
 
 def global_norm(tree: Any) -> jax.Array:
@@ -55,8 +63,8 @@ def linear_combination(scale_a: float | jax.Array, tree_a: Any, scale_b: float |
                        tree_b: Any, like: Any) -> Any:
   """``scale_a·a + scale_b·b`` computed in float32, cast leafwise to the dtypes of ``like``."""
   return jax.tree.map(
-      lambda a, b, ref: (scale_a * jnp.asarray(a, jnp.float32)
-                         + scale_b * jnp.asarray(b, jnp.float32)).astype(ref.dtype),
+      lambda a, b, ref: (scale_a * at_least_float32(a)
+                         + scale_b * at_least_float32(b)).astype(ref.dtype),
       tree_a, tree_b, like)
 
 
@@ -77,7 +85,7 @@ def divide_by_norm(numerator: Any, tree: Any, eps: float, *, squared: bool = Fal
 def normalized(tree: Any, eps: float) -> Any:
   """``tree / (‖tree‖ + δ)`` in float32 (a zero tree stays zero)."""
   inv = divide_by_norm(1.0, tree, eps)
-  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) * inv, tree)
+  return jax.tree.map(lambda x: at_least_float32(x) * inv, tree)
 
 
 def orthogonal_part(tree: Any, onto: Any, eps: float, like: Any = None) -> Any:
@@ -91,7 +99,7 @@ def rescale_to_norm(tree: Any, reference: Any, eps: float) -> Any:
   """StableSAM's renormalization ``(‖reference‖ / (‖tree‖ + δ)) · tree``."""
   scale = divide_by_norm(global_norm(reference), tree, eps)
   return jax.tree.map(
-      lambda x: (jnp.asarray(x, jnp.float32) * scale).astype(x.dtype), tree
+      lambda x: (at_least_float32(x) * scale).astype(x.dtype), tree
   )
 
 
@@ -106,8 +114,8 @@ def moving_average(average: Any, new: Any, decay: float | jax.Array,
   if started is not None:
     decay = jnp.where(started, decay, 0.0).astype(jnp.float32)
   return jax.tree.map(
-      lambda a, x: (decay * jnp.asarray(a, jnp.float32)
-                    + (1.0 - decay) * jnp.asarray(x, jnp.float32)).astype(a.dtype),
+      lambda a, x: (decay * at_least_float32(a)
+                    + (1.0 - decay) * at_least_float32(x)).astype(a.dtype),
       average, new)
 
 

@@ -24,6 +24,8 @@ Every method that re-evaluates the gradient takes ``perturbation=``, one of
   gradient accumulation with one perturbation for the whole batch: the ascent
   from the gradient given (the accumulated one), every re-evaluated gradient
   the mean over ``n`` micro-batches computed one after the other.
+* :class:`TwoGroups` ``(mesh, pair_axis="pair", data_axis="data")``: SAMPa
+  only; its two independent gradients on two groups of devices at once.
 
 Each is a frozen dataclass that checks its fields when built, so a
 contradictory combination (a synchronized perturbation per group, a
@@ -40,6 +42,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from sam_optax import _checks
+from jax.sharding import Mesh
 
 
 def _check_n(kind: str, n: object) -> None:
@@ -233,7 +238,71 @@ class MicroBatches:
     _check_axis_name("MicroBatches", self.axis_name, optional=True)
 
 
-Perturbation = PerDevice | Synced | Splits | MicroBatches
+@dataclasses.dataclass(frozen=True)
+class TwoGroups:
+  r"""SAMPa's parallel form: its two gradients on two groups of devices.
+
+  :func:`sam_optax.sampa` computes the two gradients of a step, at the
+  perturbed point ``w̃`` (on the previous batch) and at the auxiliary point
+  ``ỹ`` (on the current batch): a pair, a stacked axis of size 2. With
+  this option ``shard_map`` maps that axis over the ``pair_axis`` of
+  ``mesh`` (size 2), one slot per group of devices: group 0
+  computes ``∇L(w̃)`` on the previous batch, group 1 ``∇L(ỹ)`` on the
+  current one (both batches enter sharded over ``data_axis``, the same in
+  the two groups; each group selects its point and batch, so nothing is
+  resharded), at the same time; one all-reduce over the whole mesh then
+  gives every device both gradients (the combination and the next step's
+  perturbation need them). Call ``update`` inside ``jax.jit`` (not inside ``shard_map``),
+  with the batch sharded over ``data_axis``.
+
+  Only SAMPa takes it: the other methods' two gradients depend on each
+  other.
+
+  Attributes:
+    mesh: a ``jax.sharding.Mesh`` with a ``pair_axis`` of size 2.
+    pair_axis: the mesh axis of the two groups.
+    data_axis: the mesh axis the batch is sharded over within a group, or
+      None (each group holds the whole batch).
+    batch_argnames: the extra arguments of ``update`` sharded over
+      ``data_axis`` along their axis 0 (others are replicated in a group).
+
+  Example:
+    >>> import jax, numpy as np, sam_optax
+    >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(2, 1), ("pair", "data"))
+    >>> option = sam_optax.TwoGroups(mesh)
+    >>> option.pair_axis, option.data_axis
+    ('pair', 'data')
+  """
+
+  mesh: Mesh
+  pair_axis: str = "pair"
+  data_axis: str | None = "data"
+  batch_argnames: Sequence[str] = ("batch",)
+
+  def __post_init__(self):
+    shape = getattr(self.mesh, "shape", None)
+    if not hasattr(self.mesh, "axis_names") or shape is None:
+      raise TypeError(f"TwoGroups: mesh must be a jax.sharding.Mesh, got"
+                      f" {type(self.mesh).__name__} {self.mesh!r}.")
+    _check_axis_name("TwoGroups", self.pair_axis)
+    _check_axis_name("TwoGroups", self.data_axis, optional=True)
+    object.__setattr__(self, "batch_argnames",
+                       _check_batch_argnames("TwoGroups", self.batch_argnames))
+    for name in (self.pair_axis, self.data_axis):
+      if name is not None and name not in shape:
+        raise ValueError(f"TwoGroups: the mesh has axes {tuple(shape)}, not {name!r}.")
+    if shape[self.pair_axis] != 2:
+      raise ValueError(
+          f"TwoGroups: the mesh axis pair_axis={self.pair_axis!r} must have size 2"
+          f" (one group per gradient), got {shape[self.pair_axis]}.")
+
+  @property
+  def axis_name(self) -> None:
+    """None: the placement is inside the step (no axis of the caller's)."""
+    return None
+
+
+Perturbation = PerDevice | Synced | Splits | MicroBatches | TwoGroups
 """Where the perturbation is computed (see the module docstring)."""
 
 
@@ -241,6 +310,12 @@ def check_perturbation(method: str, perturbation: object) -> None:
   """Raises ``TypeError`` unless ``perturbation`` is None or one of the three."""
   if perturbation is None or isinstance(perturbation, (PerDevice, Synced, Splits, MicroBatches)):
     return
+  if isinstance(perturbation, TwoGroups):
+    raise TypeError(
+        f"{method}: perturbation=sam_optax.TwoGroups(...) is SAMPa's parallel form"
+        " (sam_optax.sampa): it places two independent gradients on two device"
+        f" groups, and {method}'s gradients depend on each other. Use None,"
+        " PerDevice, Synced, Splits or MicroBatches.")
   raise TypeError(
       f"{method}: perturbation must be None, sam_optax.PerDevice(axis_name),"
       " sam_optax.Synced(axis_name), sam_optax.Splits(n, ...) or"
@@ -414,6 +489,7 @@ def run_rule(
     ``(surrogate, new_state)``, the surrogate averaged over the option's axis.
   """
   axis_name = axis_of(perturbation)
+  _checks.check_axis_not_checked_for_vma(method, axis_name, updates, params, dict(extra_args))
 
   def split(option: Splits | MicroBatches, names: Sequence[str]):
     return split_arguments(method, extra_args, names, option.n, type(option).__name__)

@@ -136,12 +136,34 @@ def sam(
     >>> sorted(updates['params'])
     ['Dense_0', 'Dense_1', 'LayerNorm_0']
   """
+  return sam_transformation("sam", rho, loss_fn=loss_fn, normalize=normalize, has_aux=has_aux,
+                            perturbation=perturbation, mask=mask, eps=eps)
+
+
+def sam_transformation(
+    method: str,
+    rho: Radius,
+    *,
+    loss_fn: LossFn | None,
+    normalize: bool,
+    has_aux: bool,
+    perturbation: Perturbation | None,
+    mask: Mask | None,
+    eps: float,
+) -> optax.GradientTransformationExtraArgs:
+  """:func:`sam` under the name ``method``, which its errors report.
+
+  For the constructors that are SAM under another name (``usam``,
+  ``interval_sam``, ``stochastic_sam``): a bad argument is reported under
+  the name the user called.
+  """
+
   def rule(grads, state, ascent, *, rho):
     direction = ascent.normalized(grads) if normalize else grads
     return ascent.gradient_at(direction, rho), state
 
   return _ascent.transformation(
-      "sam", rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,
+      method, rule, radii={"rho": rho}, loss_fn=loss_fn, has_aux=has_aux,
       perturbation=perturbation, mask=mask, eps=eps)
 
 
@@ -163,5 +185,5 @@ def usam(
     >>> import optax, sam_optax
     >>> tx = optax.chain(sam_optax.usam(0.05), optax.sgd(0.05))
   """
-  return sam(rho, loss_fn=loss_fn, normalize=False, has_aux=has_aux,
-             perturbation=perturbation, mask=mask, eps=eps)
+  return sam_transformation("usam", rho, loss_fn=loss_fn, normalize=False, has_aux=has_aux,
+                            perturbation=perturbation, mask=mask, eps=eps)

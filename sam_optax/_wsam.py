@@ -6,7 +6,6 @@ import math
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from sam_optax import _ascent, _checks, _numerics, _parallel
@@ -51,8 +50,8 @@ def _transformation(method, rho, gamma, keep_gradient, *, loss_fn, has_aux,
   def rule(grads, state, ascent, *, rho):
     sam_grads = ascent.gradient_at(ascent.normalized(grads), rho)
     surrogate = jax.tree.map(
-        lambda g, s: keep * jnp.asarray(g, jnp.float32)
-        + alpha * (jnp.asarray(s, jnp.float32) - jnp.asarray(g, jnp.float32)),
+        lambda g, s: keep * _numerics.at_least_float32(g)
+        + alpha * (_numerics.at_least_float32(s) - _numerics.at_least_float32(g)),
         grads, sam_grads)
     return surrogate, state
 

@@ -170,6 +170,33 @@ def test_targets_and_markdown(rows, task):
     assert f"| {r['method']} |" in table
 
 
+def test_results_md_renders_the_committed_figures():
+  """RESULTS.md, its diagnosis of ``lax.cond`` included, says what its own figures say."""
+  folder = os.path.dirname(os.path.abspath(report.__file__))
+  results = []
+  for name in sorted(f for f in os.listdir(folder) if f.startswith("results-")):
+    with open(os.path.join(folder, name), encoding="utf-8") as f:
+      results.append(json.load(f))
+  with open(os.path.join(folder, "RESULTS.md"), encoding="utf-8") as f:
+    assert f.read() == report.render(results)
+  cpu = {t["name"]: t for t in results[0]["tasks"]}
+  name = "interval_sam"
+  # ResNet on CPU: lax.cond is the slow form and the static phase the fix, by its ratio.
+  rows = {r["method"]: r for r in cpu["resnet"]["rows"]}
+  cond, static = rows[name], rows[name + methods.STATIC]
+  assert static["ratio_median"] < 0.7 * cond["ratio_median"]
+  assert (f"**{static['method']}** takes {static['ratio_median']:.2f}× SGD's step time"
+          f" against {cond['ratio_median']:.2f}× here") in "\n".join(
+              report.diagnose(cpu["resnet"]))
+  # The MLP's sub-millisecond steps: the host read of the phase costs more than lax.cond.
+  rows = {r["method"]: r for r in cpu["mnist1d"]["rows"]}
+  cond, static = rows[name], rows[name + methods.STATIC]
+  assert static["ratio_median"] > 1.5 * cond["ratio_median"]
+  assert (f"**{static['method']}**: {static['ratio_median']:.2f}× SGD's step time against"
+          f" {cond['ratio_median']:.2f}× with `lax.cond`") in "\n".join(
+              report.diagnose(cpu["mnist1d"]))
+
+
 def test_command_line_writes_results(tmp_path):
   result = run.main([
       "--tasks", "mnist1d", "--methods", "sam,saf", "--steps", "2", "--window", "1",

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -103,6 +104,10 @@ class Row:
     synced_is_global: whether ``Synced`` under ``pmap`` is the step on the
       global batch (not ESAM's: it selects examples per device).
     stable: whether it rescales to the norm of the incoming gradient.
+    inner_reports: ``(name, keywords)``: the keywords that ``make`` hands to
+      an inner method the user built, whose errors name that method (the
+      wrappers' inner ``sam``, stable_sam's inner ``usam``); the errors of
+      the others name the row.
     update_args: ``update_args(params, batch)``, the extra arguments of
       ``update``.
   """
@@ -115,6 +120,7 @@ class Row:
   per_device: bool = True
   synced_is_global: bool = True
   stable: bool = False
+  inner_reports: tuple[str, tuple[str, ...]] = ("", ())
   update_args: Callable[[Any, Any], dict] = lambda params, batch: {"batch": batch}
 
   def build(self, problem: Tiny = TINY, **kwargs):
@@ -122,6 +128,12 @@ class Row:
 
   def build_zero(self, problem: Tiny = TINY):
     return self.make(problem, **{name: 0.0 for name in self.radii}, **self.zero)
+
+  def error_prefix(self, argument: str) -> str:
+    """The start of the error for a bad ``argument``: ``"<constructor>: "``,
+    anchored (``match`` searches, and "sam: rho" is found in "fsam: rho")."""
+    inner, keywords = self.inner_reports
+    return "^" + re.escape(inner if argument in keywords else self.name) + ": "
 
 
 def _axis(perturbation):
@@ -179,13 +191,20 @@ ROWS = [
     Row("msam", lambda problem, perturbation=None, **kw: sam_optax.msam(
         optax.identity(), **{"rho": RHO, "perturbation": perturbation, **kw}),
         per_device=False),
+    Row("gcsam", _method(sam_optax.gcsam, rho=RHO)),
+    # The whole optimizer around an identity base; λ = 0 with ρ = 0 is the
+    # gradient at w (both gradients take the current batch without
+    # previous_args); it refuses the per-device options.
+    Row("sampa", _method(sam_optax.sampa, base_optimizer=optax.identity(), rho=RHO, lam=0.2),
+        zero={"lam": 0.0}, per_device=False),
     Row("interval_sam", _method(sam_optax.interval_sam, rho=0.1, k=2)),
     # Seed 3 draws a perturbed step 0 (the per-device test looks at step 0).
     Row("stochastic_sam", _method(sam_optax.stochastic_sam, rho=0.1, p=0.5, seed=3)),
-    Row("every_k", _wrapper(lambda inner, axis: sam_optax.every_k(inner, 2, axis_name=axis))),
+    Row("every_k", _wrapper(lambda inner, axis: sam_optax.every_k(inner, 2, axis_name=axis)),
+        inner_reports=("sam", ("rho", "eps"))),
     Row("with_probability", _wrapper(lambda inner, axis: sam_optax.with_probability(
-        inner, 0.5, seed=3, axis_name=axis))),
-    Row("stable_sam", _stable_sam, stable=True),
+        inner, 0.5, seed=3, axis_name=axis)), inner_reports=("sam", ("rho", "eps"))),
+    Row("stable_sam", _stable_sam, stable=True, inner_reports=("usam", ("rho",))),
     Row("saf", lambda problem: sam_optax.saf(
         problem.num_examples, problem.num_classes, steps_per_epoch=1, start_epoch=1,
         past_epochs=1),
@@ -449,7 +468,7 @@ def test_gradient_accumulation_options(name):
   txs = {}
   for key, option in options.items():
     if REFUSES.get(name) == _parallel.kind_of(option):
-      with pytest.raises(ValueError, match=f"{name}: perturbation=.* is not supported: "):
+      with pytest.raises(ValueError, match=f"^{re.escape(name)}: perturbation=.* is not supported: "):
         row.build(perturbation=option)
       continue
     txs[key] = row.build(perturbation=option)
@@ -498,17 +517,16 @@ WITH_RADII = [(row.name, radius) for row in ROWS for radius in row.radii]
 @pytest.mark.parametrize("value", [-0.05, NAN, INF, -INF])
 @pytest.mark.parametrize("name, radius", WITH_RADII, ids=[f"{n}-{r}" for n, r in WITH_RADII])
 def test_bad_radius(name, radius, value):
-  # The wrappers of sam report the error as sam's.
-  method = name if name in ("asam", "gsam", "bsam", "csam", "esam", "looksam", "vasso",
-                                "wsam_decoupled") else "sam"
-  with pytest.raises(ValueError, match=rf"{method}: {radius} must be finite and >= 0, got {radius}="):
-    ROWS_BY_NAME[name].build(**{radius: value})
+  row = ROWS_BY_NAME[name]
+  with pytest.raises(ValueError, match=row.error_prefix(radius)
+                     + rf"{radius} must be finite and >= 0, got {radius}="):
+    row.build(**{radius: value})
 
 
 @pytest.mark.parametrize("value", [0.0, -1e-12, NAN, INF])
 @pytest.mark.parametrize("name", [row.name for row in ROWS if row.eps])
 def test_eps_must_be_positive(name, value):
-  method = name if name in ("asam", "gsam", "bsam", "csam", "esam", "looksam",
-                            "stable_sam", "vasso", "wsam_decoupled") else "sam"
-  with pytest.raises(ValueError, match=rf"{method}: eps must be finite and > 0, got eps="):
-    ROWS_BY_NAME[name].build(eps=value)
+  row = ROWS_BY_NAME[name]
+  with pytest.raises(ValueError, match=row.error_prefix("eps")
+                     + r"eps must be finite and > 0, got eps="):
+    row.build(eps=value)

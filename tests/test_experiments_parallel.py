@@ -30,8 +30,10 @@ import pytest
 
 from experiments import checkpoints, distributed, evaluate, input_pipeline, methods, placement
 from experiments import main as cli
-from experiments import train
+from experiments import train, train_step
+from experiments.config_checks import validate_config
 from experiments.configs import imagenet_resnet50
+from experiments.errors import UsageError
 from test_experiments_train import tiny_config as _tiny
 
 DEVICES = 8
@@ -71,13 +73,14 @@ def pmap_params(config, pipeline, batches):
   """
   method = methods.get_method(config.method)
   run = train.create_run(config.copy_and_resolve_references(), pipeline)  # the same init
-  loss_fns = train.make_loss_fns(run.model)
+  loss_fns = train_step.make_loss_fns(run.model)
   context = train.make_context(config, pipeline, loss_fns, run.state.batch_stats,
                                axis_name="data")
   tx, _ = train.make_optimizer(config, method, context)
-  state = train.TrainState.create(apply_fn=run.model.apply, params=run.state.params, tx=tx,
-                                  batch_stats=run.state.batch_stats)
-  step = jax.pmap(train.make_train_step(loss_fns, method, train.make_predict(run.model)),
+  state = train_step.TrainState.create(apply_fn=run.model.apply, params=run.state.params,
+                                       tx=tx, batch_stats=run.state.batch_stats)
+  predict = train_step.make_predict(run.model)
+  step = jax.pmap(train_step.make_train_step(loss_fns, method, predict),
                   axis_name="data", in_axes=(0, 0, None))
   state = jax.tree.map(lambda a: np.broadcast_to(a, (DEVICES,) + np.shape(a)), jax.device_get(state))
   for batch in batches:
@@ -186,12 +189,12 @@ def test_an_unbound_axis_name_is_a_clear_error(pipeline, batches):
   config = tiny_config(method="gsam", data_parallel=False)
   method = methods.get_method("gsam")
   run = train.create_run(config, pipeline)
-  loss_fns = train.make_loss_fns(run.model)
+  loss_fns = train_step.make_loss_fns(run.model)
   context = train.make_context(config, pipeline, loss_fns, run.state.batch_stats,
                                axis_name="data")
   tx, _ = train.make_optimizer(config, method, context)
   state = run.state.replace(tx=tx, opt_state=tx.init(run.state.params))
-  step = jax.jit(train.make_train_step(loss_fns, method, train.make_predict(run.model)))
+  step = jax.jit(train_step.make_train_step(loss_fns, method, train_step.make_predict(run.model)))
   with pytest.raises(ValueError, match=r"axis_name='data' is not bound.*jax.pmap"):
     step(state, batches[0], run.rng)
 
@@ -251,15 +254,23 @@ def test_mnist1d_processes_evaluate_disjoint_parts(pipeline):
     ({"batch_size": 4104}, 48, 6, "not divisible by the 48 devices of the 6 processes"),
     ({"batch_size": 4096}, 24, 3, "not divisible by the 3 processes"),
     ({"data_parallel": False}, 8, 2, "data_parallel=False trains on one device"),
-    ({"perturbation": "split", "batch_splits": 7}, 8, 1, "not divisible by batch_splits=7"),
-    ({"perturbation": "split"}, 8, 1, "needs batch_splits"),
-    ({"batch_splits": 4}, 8, 1, "set --config.perturbation=split"),
-    ({"perturbation": "somewhere"}, 8, 1, "unknown perturbation 'somewhere'"),
 ])
 def test_bad_layouts(overrides, devices, processes, message):
   config = tiny_config(**overrides)
-  with pytest.raises(checkpoints.UsageError, match=message):
+  with pytest.raises(UsageError, match=message):
     placement.check_data_layout(config, devices, processes)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"perturbation": "split", "batch_splits": 7}, "not divisible by batch_splits=7"),
+    ({"perturbation": "split"}, "needs batch_splits"),
+    ({"batch_splits": 4}, "set --config.perturbation=split"),
+    ({"perturbation": "somewhere"}, "unknown perturbation 'somewhere'"),
+])
+def test_bad_perturbations(overrides, message):
+  """Checked with the config, once per run, before any device is counted."""
+  with pytest.raises(UsageError, match=message):
+    validate_config(tiny_config(**overrides))
 
 
 def test_split_groups_and_one_device_layouts():

@@ -19,9 +19,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import checkpoints, input_pipeline, methods, models, train
+from experiments import (config_checks, input_pipeline, methods, models, placement, train,
+                         train_step)
 from experiments import main as cli
 from experiments.configs import default
+from experiments.errors import UsageError
 from xla_cache import compilation_cache  # noqa: F401  (autouse)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +93,7 @@ def test_cheap_phase_is_static_on_cpu_and_equals_the_conditional(tmp_path, train
   chex.assert_trees_all_close(cond["state"].params, static["state"].params,
                               rtol=1e-5, atol=1e-6)
   assert int(cond["state"].opt_state[0].count) == 5 * EPOCHS
-  with pytest.raises(train.UsageError, match="phase='static' applies to"):
+  with pytest.raises(UsageError, match="phase='static' applies to"):
     run(tiny_config(method="sam", phase="static"), tmp_path / "sam")
 
 
@@ -138,7 +140,7 @@ def test_batchnorm_statistics_come_from_the_users_pass(pipeline):
   config = tiny_config(method="sam", **{"hparams.sam.rho": 0.5})
   created = train.create_run(config, pipeline)
   batch = next(pipeline.train_epoch(0))
-  loss_fn = train.make_loss_fns(created.model).loss
+  loss_fn = train_step.make_loss_fns(created.model).loss
   rng = jax.random.fold_in(created.rng, 0)
   _, (expected, _) = jax.jit(loss_fn)(created.state.params, created.state.batch_stats, batch,
                                       rng)
@@ -209,14 +211,13 @@ def test_grad_accum_steps_equals_the_unaccumulated_run(tmp_path):
 
 
 def test_grad_accum_steps_and_the_data_layout():
-  from experiments import placement  # pylint: disable=import-outside-toplevel
   config = tiny_config(method="sam", grad_accum_steps=4, data_parallel=True, perturbation="global")
   assert placement.check_data_layout(config, num_devices=2) is None  # 40 per device, 4 × 10
-  with pytest.raises(checkpoints.UsageError, match=r"grad_accum_steps=4 does not divide the"
+  with pytest.raises(UsageError, match=r"grad_accum_steps=4 does not divide the"
                      r" per-device batch 10 \(batch_size=80 over 8 device\(s\)\)"):
     placement.check_data_layout(config, num_devices=8)
   config = tiny_config(method="sam", grad_accum_steps=2, data_parallel=True)
-  with pytest.raises(checkpoints.UsageError, match=r"perturbation='device' asks for one per"
+  with pytest.raises(UsageError, match=r"perturbation='device' asks for one per"
                      r" device or per split; set --config.perturbation=global"):
     placement.check_data_layout(config, num_devices=2)
 
@@ -246,9 +247,9 @@ def test_resume_is_bit_exact(name, tmp_path, trained):
 def test_checkpoints_need_resume_and_the_same_run(tmp_path):
   run(tiny_config(max_steps=2), tmp_path)
   assert (tmp_path / "checkpoints").is_dir() and not (tmp_path / "results.json").exists()
-  with pytest.raises(checkpoints.UsageError, match="--resume"):
+  with pytest.raises(UsageError, match="--resume"):
     run(tiny_config(), tmp_path)
-  with pytest.raises(checkpoints.UsageError, match="seed: 0 -> 3"):
+  with pytest.raises(UsageError, match="seed: 0 -> 3"):
     run(tiny_config(seed=3), tmp_path, resume=True)
 
 
@@ -270,7 +271,7 @@ def _load_config(path, arg=None):
 @pytest.mark.parametrize("path", CONFIG_FILES)
 def test_every_config_is_valid_and_builds_its_model(path):
   config = _load_config(path)
-  train.validate_config(config)
+  config_checks.validate_config(config)
   for name in config.methods:
     methods.hparams_for(name, config.hparams.get(name, {}))
   shape = {"mnist1d": (2, 40), "imagenet2012": (2, 224, 224, 3)}.get(config.dataset,
@@ -285,7 +286,7 @@ def test_every_config_is_valid_and_builds_its_model(path):
 @pytest.mark.parametrize("path", CONFIG_FILES)
 def test_every_config_has_a_locked_tiny_form(path):
   full, tiny = _load_config(path), _load_config(path, "tiny")
-  train.validate_config(tiny)
+  config_checks.validate_config(tiny)
   assert (tiny.dataset, tiny.num_epochs, tiny.data_parallel) == (full.dataset, 1, False)
   assert tiny.batch_size <= 80 and tiny.hessian_iters == 0
   assert tiny.to_dict() != full.to_dict()
@@ -305,6 +306,9 @@ def test_the_hparams_are_the_constructors_defaults():
   assert hparams.esam.to_dict() == {"rho": 0.05, "beta": 0.5, "gamma": 0.5}
   assert hparams.stable_sam.normalize is False  # the registry row's: USAM inside
   assert hparams.saf.start_epoch is None and hparams.saf.lam == 0.3
+  # SAMPa's base optimizer is the trainer's (plumbing), not a hyperparameter.
+  assert hparams.sampa.to_dict() == {"rho": 0.1, "lam": 0.2}
+  assert hparams.gcsam.to_dict() == {"rho": 0.05}
 
 
 def test_a_new_library_method_is_one_registry_row(monkeypatch, tmp_path):
@@ -430,11 +434,17 @@ def test_unwritable_output_folder(capsys, tmp_path):
   _fails([TINY, f"--workdir={blocker / 'run'}"], capsys, "cannot write to the output folder")
 
 
-def test_cli_run_writes_results(tmp_path, capsys):
+def test_cli_run_writes_results(tmp_path, capsys, monkeypatch):
   out = tmp_path / "run"
+  checks = []  # the config is checked once per run (before jax.distributed would start)
+  for module in (config_checks, placement):
+    monkeypatch.setattr(module, "check_perturbation",
+                        lambda config, check=placement.check_perturbation: checks.append(
+                            check(config)))
   code = cli.main(["main", TINY, "--config.method=sam", "--config.hparams.sam.rho=0.2",
                    "--config.hessian_iters=1", f"--workdir={out}", "--noprogress"])
   assert code == 0, capsys.readouterr().err
+  assert len(checks) == 1
   results = json.loads((out / "results.json").read_text())
   assert results["hparams"]["rho"] == 0.2 and results["steps"] == 5
   assert "results:" in capsys.readouterr().out

@@ -125,9 +125,10 @@ def test_statistics_are_those_of_the_first_pass_only(setup):
   # A manual single forward pass at w, from the same statistics.
   _, once = model.apply({"params": params, "batch_stats": batch_stats}, batch["x"],
                         train=True, mutable=["batch_stats"])
-  # (train_step is jitted, this forward is not: an ulp of slack.)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
-               new_stats, once["batch_stats"])
+  # (train_step is jitted, this forward is not: the batch means may sum in
+  # another order, a few ulps of the largest statistic, not of one near 0.)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(b)))), new_stats, once["batch_stats"])
 
   # Updating a second time (the re-evaluation's forward pass at ŵ) would give
   # other statistics: this check can tell them apart.

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+import devices
 import reference as ref
 import reference_cheap as cheap
 import sam_optax
@@ -99,23 +100,19 @@ def test_zero_gradient_stays_finite_and_zero(kernel):
 # --------------------------------------------------------------------------
 
 
-def test_pmap_with_sync_perturbation_equals_single_device_on_global_batch():
-  problem, devices = PROBLEMS["logistic"], 2
+def test_synced_on_two_devices_equals_single_device_on_global_batch():
+  problem = PROBLEMS["logistic"]
   single, _ = looksam_history(problem, k=2, steps=4)
   tx = optax.chain(sam_optax.looksam(RHO, k=2, alpha=ALPHA, loss_fn=problem.loss_fn,
-                                     perturbation=sam_optax.Synced("d")),
+                                     perturbation=sam_optax.Synced(devices.AXIS)),
                    optax.sgd(LR, momentum=MOMENTUM))
-  step = jax.pmap(make_step(tx, problem.loss_fn), axis_name="d")
-  replicate = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * devices), tree)
-  params, state = replicate(problem.params), replicate(tx.init(problem.params))
-  for t in range(4):
-    shards = jax.tree.map(lambda x: x.reshape((devices, -1) + x.shape[1:]), problem.batch(t))
-    params, state = step(params, state, shards)
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], params), single[t],
-                                rtol=1e-5, atol=1e-6)
+  history, state = devices.train_on_devices(
+      make_step(tx, problem.loss_fn), problem.params, tx.init(problem.params),
+      [problem.batch(t) for t in range(4)], devices=2)
+  for got, want in zip(history, single, strict=True):
+    chex.assert_trees_all_close(devices.unreplicate(got), want, rtol=1e-5, atol=1e-6)
   # g_v is the same on every device: the state stays replicated.
-  chex.assert_trees_all_equal(*[jax.tree.map(lambda x: x[i], state[0].orthogonal)
-                                for i in range(devices)])
+  devices.assert_replicated(state)
 
 
 class VariantsTest(chex.TestCase):

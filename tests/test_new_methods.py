@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+import devices
 import reference as ref
 import sam_optax
 from sam_cases import jax_problems, make_step, to_numpy
@@ -322,19 +323,17 @@ def test_msam_costs_one_gradient_and_rho_zero_is_the_base():
   chex.assert_trees_all_equal(sam_optax.msam_eval_params(state, zero[-1]), zero[-1])
 
 
-def test_msam_synced_under_pmap_equals_the_global_batch():
-  problem, devices = PROBLEMS["logistic"], 2
+def test_msam_synced_on_two_devices_equals_the_global_batch():
+  problem = PROBLEMS["logistic"]
   single, _ = run(sam_optax.msam(optax.sgd(LR, momentum=MOMENTUM), MSAM_RHO), problem, 3)
   tx = sam_optax.msam(optax.sgd(LR, momentum=MOMENTUM), MSAM_RHO,
-                      perturbation=sam_optax.Synced("d"))
-  step = jax.pmap(make_step(tx, problem.loss_fn), axis_name="d")
-  replicate = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * devices), tree)
-  params, state = replicate(problem.params), replicate(tx.init(problem.params))
-  for t in range(3):
-    shards = jax.tree.map(lambda x: x.reshape((devices, -1) + x.shape[1:]), problem.batch(t))
-    params, state = step(params, state, shards)
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], params), single[t],
-                                rtol=1e-5, atol=1e-6)
+                      perturbation=sam_optax.Synced(devices.AXIS))
+  history, state = devices.train_on_devices(
+      make_step(tx, problem.loss_fn), problem.params, tx.init(problem.params),
+      [problem.batch(t) for t in range(3)], devices=2)
+  for got, want in zip(history, single, strict=True):
+    chex.assert_trees_all_close(devices.unreplicate(got), want, rtol=1e-5, atol=1e-6)
+  devices.assert_replicated(state)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -226,3 +226,35 @@ def test_schedule_is_evaluated_at_the_step_count():
     for a, b in zip(ref.leaves(cases.to_numpy(out)), ref.leaves(want)):
       np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=f"step {t}")
   assert int(state.count) == 4
+
+
+# --------------------------------------------------------------------------
+# float64 parameters stay float64.
+# --------------------------------------------------------------------------
+
+
+def _to_float64(tree):
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64 if np.issubdtype(
+      np.asarray(x).dtype, np.floating) else jnp.int64), tree)
+
+
+@pytest.mark.parametrize("pair", cases.case_problem_pairs(problems=cases.jax_problems()[:1]),
+                         ids=lambda p: cases.pair_id(p))
+def test_float64_params_are_computed_in_float64(pair):
+  """With ``jax_enable_x64`` and float64 params, the ascent point, norms and
+  combinations keep float64 (the float32 accumulation is a floor, not a
+  cap): two steps agree with the float64 NumPy reference to 1e-11, where
+  float32 rounding would leave ~1e-7."""
+  case, problem = pair
+  with jax.enable_x64(True):
+    tx = optax.chain(case.make(problem), optax.sgd(SGD_LR, momentum=0.9))
+    step = cases.make_step(tx, problem.loss_fn)
+    params = _to_float64(problem.numpy.params)
+    state = tx.init(params)
+    history = []
+    for t in range(2):
+      params, state = step(params, state, _to_float64(problem.numpy.batches[t]))
+      history.append(params)
+    assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(params))
+  expected = ref.train(problem.numpy, case.reference, ref.SGD(SGD_LR, momentum=0.9), 2)
+  assert_history_close(history, expected, rtol=1e-11, atol=1e-12)

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sam_optax
 import test_common as common
+from devices import replicate, shard as shards
 
 N_DEVICES = 8
 PER_DEVICE = 4
@@ -57,14 +58,6 @@ def problem():
       "bias": jnp.asarray(rng.normal(size=(N_CLASSES,)) * 0.1, jnp.float32),
   }
   return params, (jnp.asarray(x), jnp.asarray(y))
-
-
-def shards(batch):
-  return jax.tree.map(lambda a: a.reshape((N_DEVICES, PER_DEVICE) + a.shape[1:]), batch)
-
-
-def replicate(tree):
-  return jax.tree.map(lambda a: jnp.broadcast_to(a, (N_DEVICES,) + a.shape), tree)
 
 
 def pmapped_surrogate(tx, params, batch):
@@ -270,3 +263,19 @@ def test_splits_with_an_axis_under_pmap_equals_a_loop_over_the_shards(problem, n
                for i in range(N_DEVICES)]
   want = jax.tree.map(lambda *a: np.mean(a, axis=0), *per_shard)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=2e-5, atol=1e-6), surrogates, want)
+
+
+@pytest.mark.parametrize("option", [sam_optax.PerDevice(AXIS), sam_optax.Synced(AXIS),
+                                    sam_optax.Splits(2, axis_name=AXIS)], ids=repr)
+def test_shard_map_with_check_vma_is_refused(problem, option):
+  """Under ``check_vma=True`` JAX sums the gradient of replicated params over
+  the axis, so the averaged surrogate would be 8× too large (measured before
+  this check: 2.03 against 0.25): a clear error instead."""
+  params, batch = problem
+  mesh = Mesh(np.array(jax.devices()[:N_DEVICES]), (AXIS,))
+  tx = base_and(METHODS["sam"](perturbation=option))
+  step = jax.shard_map(training_step(tx), mesh=mesh, in_specs=(P(), P(), P(AXIS)),
+                       out_specs=(P(), P()), check_vma=True)
+  with pytest.raises(ValueError, match=r"^sam: axis_name='data' is an axis of a jax\.shard_map"
+                     r" with check_vma=True.*check_vma=False"):
+    jax.eval_shape(step, params, tx.init(params), batch)

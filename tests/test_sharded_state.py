@@ -25,7 +25,9 @@ import pytest
 from jax.sharding import PartitionSpec
 
 import sam_optax
-from experiments import checkpoints, input_pipeline, placement, train
+from experiments import checkpoints, input_pipeline, placement, train, train_step
+from experiments.config_checks import validate_config
+from experiments.errors import UsageError
 from test_experiments_train import tiny_config as _tiny
 from xla_cache import compilation_cache  # noqa: F401  (autouse)
 
@@ -155,7 +157,7 @@ def test_bank_rows_are_padded_to_the_device_count_and_must_divide():
   assert shardings[1][0].trace["w"].is_fully_replicated
   assert replicated.state_shardings(abstract_state(rows))[0].bank.is_fully_replicated
   assert _placement(data_parallel=False).state_shardings(abstract_state(rows)) is None
-  with pytest.raises(checkpoints.UsageError,
+  with pytest.raises(UsageError,
                      match=r"SAF's bank has 1281167 example rows \(num_train_examples\), not"
                      r" divisible by the 8 devices.*--config.shard_state=none"):
     sharded.state_shardings(abstract_state(IMAGENET_TRAIN))
@@ -166,9 +168,9 @@ def test_bank_rows_are_padded_to_the_device_count_and_must_divide():
 
 
 def test_an_unknown_shard_state_is_a_clear_error():
-  with pytest.raises(checkpoints.UsageError, match=r"unknown shard_state 'all'; choose one of"
+  with pytest.raises(UsageError, match=r"unknown shard_state 'all'; choose one of"
                      r" auto, none, fsdp"):
-    train.validate_config(tiny_config(shard_state="all"))
+    validate_config(tiny_config(shard_state="all"))
 
 
 def test_evaluation_weights_are_gathered_from_their_shards():
@@ -187,7 +189,7 @@ def test_a_checkpoint_of_other_shapes_is_a_clear_error(tmp_path):
   """E.g. a padded bank resumed on a device count that pads it to other rows."""
 
   def state(rows):
-    return train.TrainState.create(apply_fn=None, params={"bank": jnp.zeros((2, rows))},
+    return train_step.TrainState.create(apply_fn=None, params={"bank": jnp.zeros((2, rows))},
                                    tx=optax.sgd(0.1), batch_stats={}).replace(
                                        step=jnp.asarray(1, jnp.int32))
 
@@ -195,7 +197,7 @@ def test_a_checkpoint_of_other_shapes_is_a_clear_error(tmp_path):
   try:
     store.save(state(408), checkpoints.LoopState(), {"seed": 0})
     store.manager.wait_until_finished()
-    with pytest.raises(checkpoints.UsageError, match=r"--resume: the checkpoint's params.bank has"
+    with pytest.raises(UsageError, match=r"--resume: the checkpoint's params.bank has"
                        r" shape \(2, 408\), this run's \(2, 416\).*the same rows"):
       store.restore(state(416))
   finally:

@@ -17,6 +17,7 @@ from absl.testing import parameterized
 import reference as ref
 import sam_cases as cases
 import sam_optax
+from devices import shard as shards
 
 DEVICES = 8
 AXIS = "i"
@@ -25,11 +26,6 @@ STEPS = 2
 PROBLEM = cases.JaxProblem(
     ref.LogisticRegression(seed=5, n=2 * DEVICES, d=4, num_classes=3, steps=STEPS),
     cases.cross_entropy_of(cases.logistic_logits), cases.logistic_logits)
-
-
-def shards(batch):
-  """``[N, ...] -> [DEVICES, N / DEVICES, ...]``."""
-  return jax.tree.map(lambda x: x.reshape((DEVICES, -1) + x.shape[1:]), batch)
 
 
 def numpy_shards(batch):

@@ -48,6 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.paper = ml_collections.ConfigDict({
       "sam_rho": 0.05, "csam_rho": 0.05, "csam_gamma": 1.0, "bsam_rho": 0.05,
       "saf_lam": 0.3, "mesa_lam": 0.8, "mesa_decay": 0.9998,
+      # SAMPa: LIONS-EPFL/SAMPa train.py's defaults; GCSAM: the authors' code.
+      "sampa_rho": 0.1, "sampa_lam": 0.2, "gcsam_rho": 0.05,
   })
   # Tuning grids (clean regime; chosen by test accuracy on tuning_data_seed).
   config.grids = ml_collections.ConfigDict({
@@ -75,6 +77,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.m_sharpness_rho = 0.05
   config.m_sharpness_m = 100
 
+  # python -m experiments.diagnostics (experiments/diagnostics.py): the open
+  # threads of FINDINGS.md. (a) StableSAM's ‖g‖/‖g̃‖, probed every
+  # ratio_every steps along the clean regime's StableSAM(SAM) runs at these
+  # rates; (b) BSAM's first-order cancellation on a random float64 quadratic
+  # of this dimension, at these radii; (c) BSAM with the authors' code's extra
+  # −ρ_min,t·n step at the study's two BSAM radii, over these seeds.
+  config.diagnostics = ml_collections.ConfigDict({
+      "ratio_learning_rates": (0.03, 0.4),
+      "ratio_seeds": (0, 1, 2),
+      "ratio_every": 10,
+      "quadratic_dim": 20,
+      "quadratic_seed": 0,
+      "quadratic_rhos": (0.1, 0.03, 0.01, 0.003, 0.001),
+      "extra_step_arms": ("bsam-paper", "bsam"),
+      "extra_step_seeds": (0, 1, 2),
+  })
+
   # Only these arms (names; empty: all) -- for a quick look or a test.
   config.only_arms = ()
 
@@ -100,6 +119,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.trace_samples = 4
     config.sharpness_examples = 100
     config.m_sharpness_m = 50
+    config.diagnostics.ratio_learning_rates = (0.1,)
+    config.diagnostics.ratio_seeds = (0,)
+    config.diagnostics.ratio_every = 1
+    config.diagnostics.quadratic_dim = 6
+    config.diagnostics.quadratic_rhos = (0.2, 0.1)
+    config.diagnostics.extra_step_arms = ("bsam",)
+    config.diagnostics.extra_step_seeds = (0, 1)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; use '' or 'tiny'.")
   config.lock()  # a mistyped field is an error

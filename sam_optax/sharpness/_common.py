@@ -94,32 +94,6 @@ def batch_list(function: str, loss_fn: Callable[..., Any], batches: Batches, *,
   return checked
 
 
-def check_manual_axes(function: str, axis_name: str | None, *trees: Any) -> None:
-  """Refuses ``shard_map(..., check_vma=True)`` over ``axis_name``.
-
-  With varying-axis checks on, JAX sums the gradient of replicated params
-  over the axis itself (the transpose of their implicit broadcast), so the
-  per-device products that these functions average with ``pmean`` would
-  already be sums: every Hessian would come out ``axis_size`` times too
-  large. The library's data-parallel options run under ``check_vma=False``
-  (and ``jax.pmap``), where the gradient is the device's own.
-  """
-  if axis_name is None:
-    return
-  for leaf in jax.tree.leaves(trees):
-    if not isinstance(leaf, jax.core.Tracer):
-      continue
-    manual = getattr(jax.typeof(leaf), "manual_axis_type", None)
-    if axis_name in getattr(manual, "varying", ()):
-      raise ValueError(
-          f"{function}: axis_name={axis_name!r} is a shard_map axis with"
-          " check_vma=True, under which JAX already sums the gradient of the"
-          " replicated params over the axis, so the per-device values this"
-          " function averages would be counted once per device. Call it inside"
-          f" jax.shard_map(..., check_vma=False) (as sam_optax.PerDevice is used)"
-          " or jax.pmap.")
-
-
 def _is_array(leaf: Any) -> bool:
   return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
 

@@ -222,7 +222,7 @@ def top_hessian_eigenvalues(
   matfree = _common.import_matfree(function)
 
   def run(params, batch_list, key):
-    _common.check_manual_axes(function, axis_name, params, batch_list)
+    _checks.check_axis_not_checked_for_vma(function, axis_name, params, batch_list)
     matvec, zero, unravel = _flat_operator(
         function, loss_fn, params, batch_list, axis_name, has_aux)
     start = jax.random.normal(key, zero.shape, zero.dtype)
@@ -306,7 +306,7 @@ def hessian_trace(
   matfree = _common.import_matfree(function)
 
   def run(params, batch_list, key):
-    _common.check_manual_axes(function, axis_name, params, batch_list)
+    _checks.check_axis_not_checked_for_vma(function, axis_name, params, batch_list)
     matvec, zero, _ = _flat_operator(function, loss_fn, params, batch_list, axis_name, has_aux)
     integrand = matfree.stochtrace.monte_carlo_trace()
     keys, probe = _rademacher_probes(matfree, zero, key, num_samples)
@@ -417,7 +417,7 @@ def hessian_spectral_density(
   matfree = _common.import_matfree(function)
 
   def run(params, batch_list, key, grid):
-    _common.check_manual_axes(function, axis_name, params, batch_list)
+    _checks.check_axis_not_checked_for_vma(function, axis_name, params, batch_list)
     matvec, zero, _ = _flat_operator(function, loss_fn, params, batch_list, axis_name, has_aux)
     tridiag = matfree.decomp.tridiag_sym(num_iters, reortho="full", custom_vjp=False)
     keys, probe = _rademacher_probes(matfree, zero, key, num_samples)

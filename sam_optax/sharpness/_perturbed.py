@@ -160,7 +160,7 @@ def m_sharpness(
     _ascent.resolve_mask(function, mask, mask)
 
   def run(params, batch_list, rho):
-    _common.check_manual_axes(function, axis_name, params, batch_list)
+    _checks.check_axis_not_checked_for_vma(function, axis_name, params, batch_list)
     ascent = _ascent.Ascent(params, None, _ascent.resolve_mask(function, mask, params),
                             eps, mean=lambda tree: tree)
 
@@ -483,7 +483,7 @@ def adaptive_sharpness(
   dtype = _common.work_dtype(params)
 
   def run(params, batch_list, rho, step_size, key):
-    _common.check_manual_axes(function, axis_name, params, batch_list)
+    _checks.check_axis_not_checked_for_vma(function, axis_name, params, batch_list)
     resolved = _ascent.resolve_mask(function, mask, params)
     selected = resolved if resolved is not None else jax.tree.map(lambda _: True, params)
     scale = jax.tree.map(
