@@ -16,8 +16,10 @@ mode) with :mod:`sam_optax.sharpness`:
 It writes ``spectral_density.png`` and ``spectral_density.json`` to
 ``--output-dir`` (default ``experiments/results/mnist1d``, beside the
 comparison, whose ``results.json`` holds the λ_max that 20 power iterations
-gave on the same models: the JSON puts both side by side). About three
-minutes on 2 CPU cores; ``--epochs`` shortens the training for a quick look.
+gave, on models trained the same way: the JSON puts both side by side when
+the retrained models match the recorded ones). The committed figure took 14 min
+of CPU (52 min of wall time on the shared, heavily loaded 2-core machine);
+``--epochs`` shortens the training for a quick look.
 
   python -m experiments.spectrum
   python -m experiments.spectrum --methods sgd --epochs 2 --output-dir /tmp/spectrum
