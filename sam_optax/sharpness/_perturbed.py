@@ -18,6 +18,23 @@ from sam_optax.sharpness._common import Batches
 _METHODS = ("sam", "asam")
 
 
+def _checked_inputs(function: str, loss_fn: Callable[..., Any], params: Any, batches: Batches,
+                    *, has_aux: bool, mask: Mask | None, axis_name: str | None
+                    ) -> tuple[Callable[..., jax.Array], list[dict[str, Any]]]:
+  """The scalar loss and the checked batches of a perturbed-loss measure.
+
+  Checks ``axis_name``, the params, the batches (required, each against
+  ``loss_fn``'s signature) and a fixed ``mask``'s structure.
+  """
+  _checks.check_axis_name(function, axis_name)
+  _common.check_params(function, params)
+  value = _loss.scalar_loss(function, loss_fn, has_aux)
+  batch_list = _common.batch_list(function, loss_fn, batches, required=True)
+  if mask is not None and not callable(mask):
+    _ascent.resolve_mask(function, mask, mask)
+  return value, batch_list
+
+
 def _check_choice(function: str, name: str, value: Any, choices: Sequence[Any]) -> None:
   if value not in choices:
     raise ValueError(f"{function}: {name} must be one of {list(choices)}, got {name}={value!r}.")
@@ -152,12 +169,8 @@ def m_sharpness(
   _check_choice(function, "method", method, _METHODS)
   _checks.check_non_negative("eta", eta, function)
   _checks.check_positive("eps", eps, function)
-  _checks.check_axis_name(function, axis_name)
-  _common.check_params(function, params)
-  value = _loss.scalar_loss(function, loss_fn, has_aux)
-  batch_list = _common.batch_list(function, loss_fn, batches, required=True)
-  if mask is not None and not callable(mask):
-    _ascent.resolve_mask(function, mask, mask)
+  value, batch_list = _checked_inputs(function, loss_fn, params, batches, has_aux=has_aux,
+                                      mask=mask, axis_name=axis_name)
 
   def run(params, batch_list, rho):
     _checks.check_axis_not_checked_for_vma(function, axis_name, params, batch_list)
@@ -474,12 +487,8 @@ def adaptive_sharpness(
     if step_size is not None:
       _checks.check_positive("step_size", step_size, function)
   _checks.check_non_negative("eta", eta, function)
-  _checks.check_axis_name(function, axis_name)
-  _common.check_params(function, params)
-  value = _loss.scalar_loss(function, loss_fn, has_aux)
-  batch_list = _common.batch_list(function, loss_fn, batches, required=True)
-  if mask is not None and not callable(mask):
-    _ascent.resolve_mask(function, mask, mask)
+  value, batch_list = _checked_inputs(function, loss_fn, params, batches, has_aux=has_aux,
+                                      mask=mask, axis_name=axis_name)
   dtype = _common.work_dtype(params)
 
   def run(params, batch_list, rho, step_size, key):
