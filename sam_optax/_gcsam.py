@@ -16,7 +16,7 @@ from sam_optax._parallel import Perturbation
 
 
 def centralized(tree: Any, output_axis: int = -1) -> Any:
-  """Gradient centralization, in float32: each leaf with more than one axis
+  """Gradient centralization, in float32 (or wider): each leaf with more than one axis
   minus its mean over every axis but ``output_axis``; other leaves as given.
 
   ``output_axis=-1`` is Flax's layout (``Dense`` kernel ``[in, out]``,
@@ -26,7 +26,7 @@ def centralized(tree: Any, output_axis: int = -1) -> Any:
   """
 
   def leaf(x):
-    x = jnp.asarray(x, jnp.float32)
+    x = _numerics.at_least_float32(x)
     if x.ndim <= 1:
       return x
     axes = tuple(a for a in range(x.ndim) if a != output_axis % x.ndim)

@@ -71,7 +71,7 @@ def _check_same_shapes(method: str, first: Mapping[str, Any], second: Mapping[st
 
 def _two_gradients(method: str, loss_fn, has_aux: bool, extra_args: Mapping[str, Any],
                    placement: _parallel.TwoGroups | None):
-  """``points ↦ [∇L(points[0]; previous args), ∇L(points[1]; current args)]``.
+  """``(w̃, ỹ) ↦ (∇L(w̃; previous args), ∇L(ỹ; current args))``.
 
   Two gradient calls; with ``placement`` the pair is mapped by
   ``shard_map`` over the mesh's pair axis (each group selects its point and
@@ -103,9 +103,8 @@ def _two_gradients(method: str, loss_fn, has_aux: bool, extra_args: Mapping[str,
     # vmapped pair of batch-sharded convolutions into all-gathers and 5x the
     # flops per device (measured, benchmarks/sampa.py).
     def sequential(points):
-      first = gradient(jax.tree.map(lambda x: x[0], points), first_args)
-      second = gradient(jax.tree.map(lambda x: x[1], points), second_args)
-      return jax.tree.map(lambda a, b: jnp.stack([a, b]), first, second)
+      perturbed, auxiliary = points
+      return gradient(perturbed, first_args), gradient(auxiliary, second_args)
 
     return sequential
 
@@ -146,13 +145,13 @@ def _two_gradients(method: str, loss_fn, has_aux: bool, extra_args: Mapping[str,
     return jax.tree.map(lambda g: jax.lax.psum(g, axes) / groups, padded)
 
   def placed(points):
-    perturbed, auxiliary = (jax.tree.map(lambda x, i=i: x[i], points) for i in (0, 1))
+    perturbed, auxiliary = points
     replicated = jax.tree.map(lambda _: P(), perturbed)
-    return jax.shard_map(
+    pair_of_grads = jax.shard_map(
         local, mesh=placement.mesh,
         in_specs=(replicated, replicated, args_specs, args_specs),
-        out_specs=jax.tree.map(lambda _: P(), points))(
-            perturbed, auxiliary, first_args, second_args)
+        out_specs=replicated)(perturbed, auxiliary, first_args, second_args)
+    return tuple(jax.tree.map(lambda g, i=i: g[i], pair_of_grads) for i in (0, 1))
 
   return placed
 
@@ -326,10 +325,7 @@ def sampa(
     lookahead, _ = base.update(y, state.base, params)
     started = (state.count > 0).astype(jnp.float32)  # ỹ = w at the first step
     auxiliary = _numerics.ascent_point(params, lookahead, started)
-    points = jax.tree.map(lambda a, b: jnp.stack([a, b]), perturbed, auxiliary)
-    stacked = ascent.gradient_fn(points)
-    perturbed_grads = jax.tree.map(lambda g: g[0], stacked)
-    auxiliary_grads = jax.tree.map(lambda g: g[1], stacked)
+    perturbed_grads, auxiliary_grads = ascent.gradient_fn((perturbed, auxiliary))
     surrogate = _numerics.linear_combination(1.0 - lam, perturbed_grads, lam, auxiliary_grads,
                                            like=params)
     return surrogate, state._replace(
