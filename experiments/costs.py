@@ -46,11 +46,16 @@ class MethodCost:
 
 @dataclasses.dataclass(frozen=True)
 class BenchmarkCosts:
-  """The costs of a benchmark run: ``costs[task][method]``, with the run's date and file."""
+  """The costs of a benchmark run: ``costs[task][method]``, with the run's date and file.
+
+  ``settings``: what the run measured with (the methods' fixed hyperparameters,
+  e.g. ``cycle``, LookSAM's and interval SAM's k; the batch size).
+  """
 
   costs: Mapping[str, Mapping[str, MethodCost]]
   date: str
   path: str
+  settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def cost(self, task: str, method: str) -> MethodCost:
     if task not in self.costs:
@@ -104,4 +109,4 @@ def read_benchmark(path: str = BENCHMARK_JSON,
         raise ValueError(f"{path}: task {task['name']!r} has no row {method!r}; it has"
                          f" {sorted(r['method'] for r in task['rows'])}.")
     costs[task["name"]] = rows
-  return BenchmarkCosts(costs, str(run["date"]), path)
+  return BenchmarkCosts(costs, str(run["date"]), path, dict(run.get("settings", {})))

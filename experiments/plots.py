@@ -48,7 +48,8 @@ def _label(key: str) -> str:
   return key.replace("_", " ").capitalize()
 
 
-def _colors(count: int) -> list[Any]:
+def colors(count: int) -> list[Any]:
+  """``count`` distinguishable colors (tab10, or tab20 beyond ten)."""
   cmap = matplotlib.colormaps["tab10" if count <= 10 else "tab20"]
   return [cmap(i % cmap.N) for i in range(count)]
 
@@ -147,11 +148,11 @@ def plot_learning_curves(
   rows, cols = _grid(len(keys), 3)
   figure = Figure(figsize=(4.2 * cols + 1.8, 3.2 * rows), layout="constrained")
   axes = figure.subplots(rows, cols, squeeze=False).ravel()
-  colors = dict(zip(checked, _colors(len(checked))))
+  color_of = dict(zip(checked, colors(len(checked))))
   for ax, key in zip(axes, keys):
     for method, (x, series) in checked.items():
       if key in series:
-        ax.plot(x, series[key], label=method, color=colors[method],
+        ax.plot(x, series[key], label=method, color=color_of[method],
                 marker="o" if len(x) <= 20 else None, markersize=3, linewidth=1.5)
     ax.set_title(_label(key))
     ax.set_xlabel(x_label.capitalize())
@@ -159,7 +160,7 @@ def plot_learning_curves(
     ax.grid(True, alpha=0.3)
   for ax in axes[len(keys):]:
     ax.set_visible(False)
-  handles = [Line2D([], [], color=colors[m], linewidth=2) for m in checked]
+  handles = [Line2D([], [], color=color_of[m], linewidth=2) for m in checked]
   figure.legend(handles, list(checked), loc="outside right upper", title="method")
   return save_figure(figure, path)
 
@@ -336,7 +337,7 @@ def plot_spectral_density(
 
   figure = Figure(figsize=(6.4, 4.0), layout="constrained")
   ax = figure.add_subplot()
-  for (label, (grid, values)), color in zip(curves.items(), _colors(len(curves))):
+  for (label, (grid, values)), color in zip(curves.items(), colors(len(curves))):
     ax.semilogy(grid, np.maximum(values, floor), color=color, linewidth=1.5,
                 label=label or None)
   ax.set_ylim(bottom=floor)

@@ -15,6 +15,10 @@ the tuning grids) and writes to ``--workdir`` (default
 * ``runs/<arm>/seed<k>/`` -- each run's ``results.json`` (finished runs are
   reused: rerunning the command resumes an interrupted study).
 
+With ``--config=experiments/configs/frontier.py`` the same command runs the
+efficiency frontier instead (:mod:`experiments.frontier`; its config's
+``kind`` says so), in ``experiments/results/frontier`` by default.
+
 The cost of each method is not timed here (runs one after the other see a
 machine whose load drifts): it is the gradient evaluations per step that the
 compiled step performs, and the interleaved step-time ratios of
@@ -248,64 +252,119 @@ def run_arm(study, arm: Arm, seed: int, data_seed: int, workdir: str,
   return summary
 
 
-def _log(text: str) -> None:
+def log(text: str) -> None:
   print(text, file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run: an arm on a seed and a draw of the data, in a folder."""
+
+  arm: Arm
+  seed: int
+  data_seed: int
+  folder: str
+
+
+def _read_summary(folder: str) -> dict[str, Any]:
+  with open(os.path.join(folder, "summary.json"), encoding="utf-8") as stream:
+    return json.load(stream)
+
+
+class Shards:
+  """Which runs this process trains: every ``count``-th run, from ``index``.
+
+  Runs are counted in the order :meth:`run` sees them, the same in every
+  process of a sharded study.
+  """
+
+  def __init__(self, index: int, count: int):
+    if not 0 <= index < count:
+      raise ValueError(f"shard_index must be in [0, num_shards = {count}), got {index}.")
+    self.index, self.count, self._seen = index, count, 0
+    self.pipelines: dict[Any, Any] = {}
+
+  def run(self, study, runs: Sequence[Run], *, wait: bool,
+          describe: Callable[[Run, dict[str, Any]], str] | None = None
+          ) -> list[dict[str, Any] | None]:
+    """The summaries of ``runs``: trained here if this shard's, read if done.
+
+    A run of another shard that is not done yet is waited for when ``wait``
+    (its summary is needed to go on, e.g. a tuning run), else left as None.
+    """
+    summaries: list[dict[str, Any] | None] = []
+    pending = []
+    for i, run in enumerate(runs):
+      mine = self._seen % self.count == self.index
+      self._seen += 1
+      summary = None
+      if mine or os.path.exists(os.path.join(run.folder, "summary.json")):
+        summary = run_arm(study, run.arm, run.seed, run.data_seed, run.folder, self.pipelines)
+        if describe:
+          log(describe(run, summary))
+      else:
+        pending.append(i)
+      summaries.append(summary)
+    for i in pending if wait else ():  # other shards' runs, once this shard's are done
+      while not os.path.exists(os.path.join(runs[i].folder, "summary.json")):
+        time.sleep(10)
+      summaries[i] = _read_summary(runs[i].folder)
+    return summaries
+
+
+  def results(self, study, runs: Sequence[Run]) -> dict[str, list[dict[str, Any]]] | None:
+    """Every arm's summaries over its runs; None (and a log line) while other shards' are due."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    missing = 0
+    for run, summary in zip(runs, self.run(study, runs, wait=False, describe=describe_run)):
+      if summary is None:
+        missing += 1
+      else:
+        results.setdefault(run.arm.name, []).append(summary)
+    if missing:
+      log(f"shard {self.index}/{self.count}: {missing} runs belong to other shards; rerun"
+          " with num_shards=1 once they are done to write the report.")
+      return None
+    return results
+
+
+def describe_run(run: Run, summary: Mapping[str, Any]) -> str:
+  """One log line: the run and its numbers."""
+  return (f"{run.arm.name} seed {run.seed}: acc {summary['accuracy']:.4f}"
+          f" ece {summary['ece']:.4f} λ_max {summary['hessian']:.2f}"
+          + (f" tr H {summary['hessian_trace']:.1f}" if "hessian_trace" in summary else "")
+          + f" m-sharpness {summary['m_sharpness']:.4f}")
 
 
 def run_study(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
   """Runs (this shard of) the study; with every run done, writes the report."""
-  pipelines: dict[Any, Any] = {}
-  shard, shards = study.shard_index, study.num_shards
-  counter = iter(range(10**9))
-
-  def mine() -> bool:
-    return next(counter) % shards == shard
+  shards = Shards(study.shard_index, study.num_shards)
 
   # 1. Tuning, on the independent draw.
+  grid = tuning_arms(study)
+  summaries = shards.run(
+      study, [Run(arm, study.tuning_seed, study.tuning_data_seed,
+                  os.path.join(workdir, "runs", "tuning", arm.name)) for _, _, arm in grid],
+      wait=True, describe=lambda run, s: f"tuning {run.arm.name}: test acc {s['accuracy']:.4f}")
   tuning: dict[str, dict[float, float]] = {}
-  waiting = []
-  for key, value, arm in tuning_arms(study):
-    folder = os.path.join(workdir, "runs", "tuning", arm.name)
-    if mine() or os.path.exists(os.path.join(folder, "summary.json")):
-      summary = run_arm(study, arm, study.tuning_seed, study.tuning_data_seed, folder, pipelines)
-      tuning.setdefault(key, {})[value] = summary["accuracy"]
-      _log(f"tuning {arm.name}: test acc {summary['accuracy']:.4f}")
-    else:
-      waiting.append((key, value, os.path.join(folder, "summary.json")))
-  for key, value, done in waiting:  # other shards' tuning runs
-    while not os.path.exists(done):
-      time.sleep(10)
-    with open(done, encoding="utf-8") as stream:
-      tuning.setdefault(key, {})[value] = json.load(stream)["accuracy"]
+  for (key, value, _), summary in zip(grid, summaries):
+    tuning.setdefault(key, {})[value] = summary["accuracy"]
   # The best test accuracy on the tuning draw; a tie goes to the first value of the grid.
   tuned = {key: max(study.grids[key], key=lambda v: tuning[key][v]) for key in tuning}
   tuned.update(study.fixed)
   missing_values = sorted(set(_TUNED) - set(tuned))
   if missing_values:
     raise ValueError(f"the study needs a grid or a fixed value for {missing_values}.")
-  _log(f"tuned: {tuned}")
+  log(f"tuned: {tuned}")
 
   # 2. The study's runs, on the reported draw.
-  results: dict[str, list[dict[str, Any]]] = {}
-  missing = 0
   arms = study_arms(study, tuned)
   if study.only_arms:
     arms = [arm for arm in arms if arm.name in study.only_arms]
-  for arm in arms:
-    for seed in study.seeds:
-      folder = os.path.join(workdir, "runs", arm.name, f"seed{seed}")
-      if mine() or os.path.exists(os.path.join(folder, "summary.json")):
-        summary = run_arm(study, arm, seed, study.data_seed, folder, pipelines)
-        results.setdefault(arm.name, []).append(summary)
-        _log(f"{arm.name} seed {seed}: acc {summary['accuracy']:.4f} ece {summary['ece']:.4f}"
-             f" λ_max {summary['hessian']:.2f}"
-             + (f" tr H {summary['hessian_trace']:.1f}" if "hessian_trace" in summary else "")
-             + f" m-sharpness {summary['m_sharpness']:.4f}")
-      else:
-        missing += 1
-  if missing:
-    _log(f"shard {shard}/{shards}: {missing} runs belong to other shards; rerun with"
-         " num_shards=1 once they are done to write the report.")
+  runs = [Run(arm, seed, study.data_seed, os.path.join(workdir, "runs", arm.name, f"seed{seed}"))
+          for arm in arms for seed in study.seeds]
+  results = shards.results(study, runs)
+  if results is None:
     return None
   from experiments import study_report  # pylint: disable=import-outside-toplevel
   return study_report.write(study, workdir, arms, results, tuning, tuned)
@@ -315,8 +374,12 @@ def main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags, logging  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
-  study = flags.FLAGS.config
-  run_study(study, flags.FLAGS.workdir)
+  config = flags.FLAGS.config
+  if config.get("kind") == "frontier":
+    from experiments import frontier  # pylint: disable=import-outside-toplevel
+    frontier.run_frontier(config, flags.FLAGS.workdir or frontier.DEFAULT_WORKDIR)
+  else:
+    run_study(config, flags.FLAGS.workdir or "experiments/results/study")
 
 
 if __name__ == "__main__":
@@ -325,5 +388,6 @@ if __name__ == "__main__":
 
   config_flags.DEFINE_config_file(
       "config", "experiments/configs/study.py", "The study's config file.", lock_config=True)
-  flags.DEFINE_string("workdir", "experiments/results/study", "Where the study writes.")
+  flags.DEFINE_string("workdir", "", "Where the study writes (default: experiments/results/study,"
+                      " or experiments/results/frontier for the frontier's config).")
   app.run(main)
