@@ -195,45 +195,83 @@ _METRICS = (("accuracy", "test accuracy (%)", True), ("ece", "ECE (%)", False),
             ("hessian", "λ_max", False), ("hessian_trace", "Hessian trace", False))
 
 
+def short_label(entry: frontier_lib.Entry) -> str:
+  """How a figure names an arm: ``sam``, ``sam (paper)``, ``sgd 1.5× epochs``."""
+  if entry.role == frontier_lib.BUDGET:
+    return f"{entry.method} {entry.epochs_factor:g}× epochs"
+  return entry.method + (" (paper)" if entry.role == frontier_lib.PAPER else "")
+
+
+def _limits(means: Sequence[float]) -> tuple[float, float]:
+  """The axis range of a panel: the bulk of the points, not a collapsed run far below them."""
+  lo, hi = np.percentile(means, [10, 90])
+  pad = max(hi - lo, 1e-3)
+  lo, hi = max(min(means), lo - 1.5 * pad), min(max(means), hi + 1.5 * pad)
+  if hi - lo < 1e-9:  # every point alike: a range around them
+    half = 0.05 * max(abs(hi), 1.0)
+    return lo - half, hi + half
+  return lo, hi
+
+
 def plot_frontier(config, entries, computes, results, path: str, *, which: str = FLOPS,
                   metrics=_METRICS) -> str:
-  """Each metric against compute, one row per regime: mean ± std, Pareto front in black."""
+  """Each metric against compute, one row per regime: mean ± std, Pareto front in black.
+
+  A point outside the panel's range (a collapsed run) is drawn on its edge as
+  a triangle, with its value.
+  """
   regimes = list(config.regimes)
   methods = ["sgd"] + list(frontier_lib.frontier_methods(config))
-  colors = dict(zip(methods, plots.colors(len(methods))))
-  figure = Figure(figsize=(4.2 * len(metrics), 3.6 * len(regimes)))
-  axes = figure.subplots(len(regimes), len(metrics), squeeze=False)
+  color_of = dict(zip(methods, plots.colors(len(methods))))
+  # One row per regime; with one metric, the regimes side by side.
+  rows, cols = (len(regimes), len(metrics)) if len(metrics) > 1 else (1, len(regimes))
+  figure = Figure(figsize=(4.4 * cols + 1.6, 3.8 * rows + 0.4))
+  grid = figure.subplots(rows, cols, squeeze=False)
+  axes = grid if len(metrics) > 1 else [[grid[0][i]] for i in range(len(regimes))]
   for row, regime in enumerate(regimes):
     shown = [e for e in entries if e.regime == regime and e.arm.name in results]
     for col, (metric, label, higher) in enumerate(metrics):
       ax = axes[row][col]
+      means = [float(np.mean(values(results, e.arm.name, metric))) for e in shown]
+      lo, hi = _limits(means)
+      margin = 0.04 * (hi - lo)
       points = []
-      for e in shown:
+      for e, mean in zip(shown, means):
         v = values(results, e.arm.name, metric)
         x = computes[e.arm.name].measure(which)
-        hollow = e.role == frontier_lib.PAPER
-        ax.errorbar(x, np.mean(v), yerr=np.std(v, ddof=1) if len(v) > 1 else 0,
-                    fmt="s" if e.role == frontier_lib.BUDGET else "o", ms=5, capsize=2,
-                    color=colors[e.method], mfc="none" if hollow else colors[e.method],
-                    label=e.method if row == 0 and col == 0 and not hollow else None)
-        points.append((x, float(np.mean(v))))
+        color = color_of[e.method]
+        if lo - margin <= mean <= hi + margin:
+          ax.errorbar(x, mean, yerr=np.std(v, ddof=1) if len(v) > 1 else 0,
+                      fmt="s" if e.role == frontier_lib.BUDGET else "o", ms=5, capsize=2,
+                      color=color, mfc="none" if e.role == frontier_lib.PAPER else color,
+                      label=e.method if row == 0 and col == 0 else None)
+        else:
+          edge = lo - margin if mean < lo else hi + margin
+          ax.plot(x, edge, "v" if mean < lo else "^", color=color, ms=6)
+          ax.annotate(f"{short_label(e)}: {mean:.3g}", (x, edge), fontsize=6,
+                      xytext=(4, 4 if mean < lo else -8), textcoords="offset points")
+        points.append((x, mean))
       front = pareto(points, higher_is_better=higher)
       ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post",
-              color="k", lw=1, alpha=0.7)
+              color="k", lw=1, alpha=0.6)
       for i in front:
-        ax.annotate(shown[i].arm.name.split("-", 1)[1], points[i], fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")
-      ax.set_xlabel(f"compute, SGD run = 1: {which}")
+        ax.annotate(short_label(shown[i]), points[i], fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+      ax.set_ylim(lo - 2 * margin, hi + 2 * margin)
+      ax.set_xlabel("compute (SGD run = 1)")
       ax.set_ylabel(label)
       ax.set_title(f"{regime}: {label}", fontsize=9)
       ax.grid(alpha=0.3)
   handles, labels = axes[0][0].get_legend_handles_labels()
   unique = dict(zip(labels, handles))
   figure.legend(unique.values(), unique.keys(), loc="center right", fontsize=7)
-  figure.suptitle(f"MNIST-1D MLP: metrics against compute (mean ± std, {len(config.seeds)}"
-                  " seeds; filled: tuned, hollow: papers' hyperparameters, squares: SGD/SAM"
-                  " at other epochs; black: Pareto front)", fontsize=9)
-  figure.subplots_adjust(right=0.88, hspace=0.35, wspace=0.3)
+  figure.suptitle(
+      f"MNIST-1D MLP: metrics against compute in {which} (mean ± std, {len(config.seeds)}"
+      " seeds).\nFilled: tuned; hollow: papers' hyperparameters; squares: SGD and SAM at other"
+      " epochs; black: Pareto front", fontsize=9)
+  figure.subplots_adjust(left=0.9 / figure.get_figwidth(),
+                         right=1 - 1.5 / figure.get_figwidth(), top=1 - 0.8 / figure.get_figheight(),
+                         hspace=0.4, wspace=0.3)
   return plots.save_figure(figure, path)
 
 
@@ -308,7 +346,7 @@ def not_worth_it(config, entries, computes, results) -> list[str]:
 
 def tuning_table(config, tuning: Mapping[str, float],
                  chosen: Mapping[tuple[str, str], Mapping[str, Any]]) -> str:
-  """Each grid's accuracies on the tuning draw; a choice at the grid's end is marked."""
+  """Each grid's accuracies on the tuning draw; a choice at an end of the grid is marked."""
   lines = ["| regime | method | grid: test acc. on the tuning draw (%) | chosen |",
            "|---|---|---|---|"]
   for regime in config.regimes:
@@ -317,8 +355,8 @@ def tuning_table(config, tuning: Mapping[str, float],
       cells = [f"{label}: {100 * tuning[frontier_lib.arm_of(config, regime, method, h).name]:.1f}"
                for label, h in grid]
       choice = _hparams(chosen[(regime, method)])
-      if dict(chosen[(regime, method)]) == grid[-1][1]:
-        choice += " (the grid's last point: a larger value was not tried)"
+      if dict(chosen[(regime, method)]) in (grid[0][1], grid[-1][1]):
+        choice += " (an end of the grid: the best value may lie beyond it)"
       lines.append(f"| {regime} | {method} | {'; '.join(cells)} | {choice} |")
   return "\n".join(lines)
 
