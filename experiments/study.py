@@ -271,6 +271,10 @@ def _read_summary(folder: str) -> dict[str, Any]:
     return json.load(stream)
 
 
+#: How often a shard looks for another shard's run that it waits for.
+POLL_SECONDS = 10.0
+
+
 class Shards:
   """Which runs this process trains: every ``count``-th run, from ``index``.
 
@@ -307,7 +311,7 @@ class Shards:
       summaries.append(summary)
     for i in pending if wait else ():  # other shards' runs, once this shard's are done
       while not os.path.exists(os.path.join(runs[i].folder, "summary.json")):
-        time.sleep(10)
+        time.sleep(POLL_SECONDS)
       summaries[i] = _read_summary(runs[i].folder)
     return summaries
 

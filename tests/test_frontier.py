@@ -151,8 +151,10 @@ class TestReport:
     assert one.sgd == "clean-sgd-epochs60"
     assert one.versus_sgd.verdict == rule.HOLDS
     assert by_budget[("clean", 1.5)].chosen == "clean-looksam-rho0.05-k5"  # SAM 1× is 2×
+    assert by_budget[("clean", 1.5)].sgd == "clean-sgd-epochs90"          # SGD given the budget
     two = by_budget[("noisy", 2.0)]
     assert two.chosen == "noisy-sam-rho0.05" and two.versus_sgd.verdict == rule.HOLDS
+    assert two.sgd == "noisy-sgd-epochs120"
     assert two.versus_sgd.text.startswith("+5.00 ± ")
 
   def test_a_method_that_loses_to_sgd_at_equal_compute_is_listed(self):

@@ -1,12 +1,14 @@
 """The evidence study: its verdict rule, and its config run end to end in a tiny form."""
 
+import concurrent.futures
 import json
 import os
+import time
 
 import numpy as np
 import pytest
 
-from experiments import study, study_report
+from experiments import checkpoints, study, study_report
 from experiments import verdict as rule
 from experiments.configs import study as study_config
 from xla_cache import compilation_cache  # noqa: F401  (autouse: the seeds' runs compile once)
@@ -175,3 +177,41 @@ def test_readme_shows_the_committed_verdicts():
   for row in verdicts:
     assert f"| {row['claim']} | {row['ours']} | **{row['verdict']}** |" in readme, row["claim"]
   assert {row["verdict"] for row in verdicts} <= {rule.HOLDS, rule.FAILS, rule.INCONCLUSIVE}
+
+
+def test_shards_split_the_runs_and_read_each_others(tmp_path, monkeypatch):
+  trained = []
+
+  def fake_run_arm(study_config_, arm, seed, data_seed, folder, pipelines):
+    del study_config_, data_seed, pipelines
+    done = os.path.join(folder, "summary.json")
+    if not os.path.exists(done):
+      os.makedirs(folder)
+      checkpoints.write_json(done, {"accuracy": seed / 10, "ece": 0.1, "hessian": 1.0,
+                                    "m_sharpness": 0.01})  # atomic, as run_arm's
+      trained.append((arm.name, seed))
+    with open(done, encoding="utf-8") as stream:
+      return json.load(stream)
+
+  monkeypatch.setattr(study, "run_arm", fake_run_arm)
+  arm = study.Arm("a", "clean", "sgd")
+  runs = [study.Run(arm, seed, 42, str(tmp_path / f"seed{seed}")) for seed in range(5)]
+  monkeypatch.setattr(study, "POLL_SECONDS", 0.01)
+  # Shard 1 trains runs 1 and 3, then waits for shard 0's, which start after it.
+  waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
+      study.Shards(1, 2).run, None, runs, wait=True)
+  while len(trained) < 2:
+    time.sleep(0.01)
+  assert trained == [("a", 1), ("a", 3)] and waiting.running()
+  first = study.Shards(0, 2).run(None, runs, wait=False)
+  assert trained[2:] == [("a", 0), ("a", 2), ("a", 4)]
+  assert [s is None for s in first] == [False] * 5    # shard 1's were done: read
+  assert [s["accuracy"] for s in waiting.result(timeout=10)] == [0.0, 0.1, 0.2, 0.3, 0.4]
+  fresh = [study.Run(arm, seed, 42, str(tmp_path / f"other{seed}")) for seed in range(2)]
+  assert study.Shards(0, 2).run(None, fresh, wait=False)[1] is None  # not waited for
+  assert study.Shards(0, 2).results(None, fresh) is None             # and reported missing
+  results = study.Shards(0, 1).results(None, runs)
+  assert [s["accuracy"] for s in results["a"]] == [0.0, 0.1, 0.2, 0.3, 0.4]
+  assert len(trained) == 6
+  with pytest.raises(ValueError, match=r"shard_index must be in \[0, num_shards = 2\), got 2"):
+    study.Shards(2, 2)
