@@ -258,9 +258,10 @@ def test_checkpoints_need_resume_and_the_same_run(tmp_path):
 # --------------------------------------------------------------------------
 
 
-# Training configs; study.py configures the evidence study (tests/test_study.py).
-CONFIG_FILES = sorted(f for f in os.listdir(CONFIGS)
-                      if f.endswith(".py") and f not in ("__init__.py", "study.py"))
+# Training configs; study.py and frontier.py configure the evidence study and the frontier
+# (tests/test_study.py, tests/test_frontier.py).
+CONFIG_FILES = sorted(f for f in os.listdir(CONFIGS) if f.endswith(".py")
+                      and f not in ("__init__.py", "study.py", "frontier.py"))
 
 
 def _load_config(path, arg=None):

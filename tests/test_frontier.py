@@ -58,6 +58,15 @@ class TestArms:
                         and e.role == frontier.BUDGET]
     assert all(e.arm.hparams == {"rho": 0.5} for e in noisy_sam_budget)  # the tuned radius
 
+  def test_config_is_locked_and_knows_its_forms(self):
+    for arg in (None, "tiny"):
+      config = frontier_config.get_config(arg)
+      assert config.kind == "frontier" and config.is_locked
+      with pytest.raises(AttributeError):
+        config.radius_factor = (1.0,)          # a mistyped field is an error
+    with pytest.raises(ValueError, match="unknown config argument 'huge'"):
+      frontier_config.get_config("huge")
+
   def test_bad_config_is_refused(self):
     with pytest.raises(ValueError, match="unknown method 'sma'"):
       frontier.frontier_methods(_config(methods=("sma",)))
