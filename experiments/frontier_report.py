@@ -97,14 +97,13 @@ def compute(entry: frontier_lib.Entry, benchmark: costs_lib.BenchmarkCosts) -> C
 
 def equal_compute(entries: Sequence[frontier_lib.Entry], computes: Mapping[str, Compute],
                   target: float, method: str, which: str = FLOPS) -> frontier_lib.Entry | None:
-  """The cheapest arm of ``method`` (SGD or SAM budget arms) with at least ``target`` compute.
+  """The cheapest arm of ``method`` with at least ``target`` compute, papers' arms aside.
 
-  ``at least`` within :data:`TOLERANCE`: a compute of ``1.05 × c`` counts as
-  ``c``. None when no arm of the method is that large.
+  For SGD its budget arms; for SAM its tuned arm and its budget arms (at the
+  tuned radius). ``at least`` within :data:`TOLERANCE`: a compute of
+  ``1.05 × c`` counts as ``c``. None when no arm of the method is that large.
   """
-  arms = [e for e in entries if e.method == method
-          and (e.role == frontier_lib.BUDGET or e.epochs_factor == 1.0)
-          and (method == "sgd" or e.role != frontier_lib.PAPER)
+  arms = [e for e in entries if e.method == method and e.role != frontier_lib.PAPER
           and computes[e.arm.name].measure(which) * (1 + TOLERANCE) >= target]
   return min(arms, key=lambda e: computes[e.arm.name].measure(which), default=None)
 
