@@ -145,14 +145,14 @@ def sam_entries(config, regime: str, tuned_sam: Mapping[str, Any]) -> list[Entry
   return [Entry(arm_of(config, regime, "sam", tuned_sam, f), BUDGET, f) for f in config.sam_epochs]
 
 
-def tuning_entries(config) -> list[tuple[str, str, Entry]]:
-  """``(method, value label, entry)`` of every tuning run (one seed, the tuning draw)."""
+def tuning_entries(config) -> list[Entry]:
+  """Every tuning run's arm (one seed, the tuning draw): each grid, and SGD's budgets."""
   entries = []
   for regime in config.regimes:
     for method in frontier_methods(config):
-      for label, hparams in candidates(config, method):
-        entries.append((method, label, Entry(arm_of(config, regime, method, hparams), TUNED)))
-    entries += [("sgd", f"{e.epochs_factor:g}× epochs", e) for e in sgd_entries(config, regime)]
+      entries += [Entry(arm_of(config, regime, method, hparams), TUNED)
+                  for _, hparams in candidates(config, method)]
+    entries += sgd_entries(config, regime)
   return entries
 
 
@@ -204,7 +204,7 @@ def run_frontier(config: ml_collections.ConfigDict, workdir: str = DEFAULT_WORKD
 
   # 1. Tuning, on the independent draw: every grid and SGD's budgets; then SAM's
   #    budgets at its tuned radius (with SGD's, the candidates of the budget table).
-  tuning = tune([e for _, _, e in tuning_entries(config)])
+  tuning = tune(tuning_entries(config))
   chosen = choose(config, tuning)
   study_lib.log(f"tuned: { {f'{r}/{m}': h for (r, m), h in chosen.items()} }")
   if "sam" in frontier_methods(config):
