@@ -266,11 +266,6 @@ class Run:
   folder: str
 
 
-def _read_summary(folder: str) -> dict[str, Any]:
-  with open(os.path.join(folder, "summary.json"), encoding="utf-8") as stream:
-    return json.load(stream)
-
-
 #: How often a shard looks for another shard's run that it waits for.
 POLL_SECONDS = 10.0
 
@@ -312,7 +307,8 @@ class Shards:
     for i in pending if wait else ():  # other shards' runs, once this shard's are done
       while not os.path.exists(os.path.join(runs[i].folder, "summary.json")):
         time.sleep(POLL_SECONDS)
-      summaries[i] = _read_summary(runs[i].folder)
+      run = runs[i]  # done: run_arm reads it (and checks it is this arm's)
+      summaries[i] = run_arm(study, run.arm, run.seed, run.data_seed, run.folder, self.pipelines)
     return summaries
 
 
